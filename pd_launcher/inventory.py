@@ -18,6 +18,8 @@ def load_inventory(path: str, extra_vars: dict[str, Any] | None = None
     from ansible.template import Templar
     from ansible.vars.manager import VariableManager
 
+    from pd_launcher.topology import HOST_KEYS
+
     if not os.path.exists(path):
         raise FileNotFoundError(f"inventory {path} does not exist")
     loader = DataLoader()
@@ -36,7 +38,7 @@ def load_inventory(path: str, extra_vars: dict[str, Any] | None = None
         templar = Templar(loader=loader, variables=raw)
         hostvars[name] = {
             k: _plain(templar.template(v)) for k, v in raw.items()
-            if k.startswith("pd_") or k in ("ansible_host", "host_ip", "node_ip", "devices", "nic")
+            if k.startswith("pd_") or k in HOST_KEYS
         }
     return groups, hostvars
 

@@ -20,6 +20,7 @@ from pd_launcher.settings import (
 )
 
 ROLES = ("P", "D")
+HOST_KEYS = ("ansible_host", "host_ip", "node_ip", "devices", "nic")  # non-pd_ inventory vars
 MOONCAKE_RANDOM_BASE = 20000  # Mooncake takes random ports in [20000, 20000 + chips*1000)
 OWNED_FLAGS = (
     "--host", "--port", "--served-model-name", "--tensor-parallel-size", "-tp",
@@ -521,7 +522,7 @@ def _check_ports(
         clash = next((seen[k] for k in wildcard if k in seen), None)
         if clash is None and b.ip in ("0.0.0.0", "::"):
             clash = next((v for (ip, port), v in seen.items() if port == b.port), None)
-        if clash is not None and clash.owner != b.owner:
+        if clash is not None:
             readers[host].fail(
                 field_of[b.use], f"{b.use} port {b.ip}:{b.port} ({b.owner}) is also bound by "
                 f"{clash.owner} ({clash.use})")

@@ -1,0 +1,48 @@
+"""Ansible filters over pd_launcher's cluster model, so plays never redo the arithmetic.
+
+    pd_plan: "{{ groups | pd_cluster_plan(hostvars) }}"   # full plan incl. node specs
+    spec:    "{{ pd_plan.specs[inventory_hostname]['P'] }}"
+
+On invalid input the filter fails with every error, each naming host and field.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+from ansible.errors import AnsibleFilterError
+
+_REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if _REPO not in sys.path:
+    sys.path.insert(0, _REPO)
+
+from pd_launcher.cli_plan import plan_document  # noqa: E402
+from pd_launcher.inventory import _plain  # noqa: E402
+from pd_launcher.settings import PlanInvalid  # noqa: E402
+from pd_launcher.topology import HOST_KEYS  # noqa: E402
+
+
+def _vars_of(hostvars: Any, host: str) -> dict[str, Any]:
+    hv = hostvars[host]
+    out = {}
+    for key in hv.keys():
+        if key.startswith("pd_") or key in HOST_KEYS:
+            out[key] = _plain(hv[key])
+    return out
+
+
+def pd_cluster_plan(groups: Any, hostvars: Any) -> dict[str, Any]:
+    wanted = {g: list(groups.get(g, [])) for g in ("P", "D", "C") if g in groups}
+    hosts = {h for members in wanted.values() for h in members}
+    try:
+        return plan_document(wanted, {h: _vars_of(hostvars, h) for h in hosts})
+    except PlanInvalid as exc:
+        lines = "\n".join(f"  - {e}" for e in exc.errors)
+        raise AnsibleFilterError(
+            f"pd-deploy: the inventory has {len(exc.errors)} error(s):\n{lines}") from None
+
+
+class FilterModule:
+    def filters(self) -> dict[str, Any]:
+        return {"pd_cluster_plan": pd_cluster_plan}
