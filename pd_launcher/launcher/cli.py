@@ -1,0 +1,242 @@
+"""Node launcher commands: run, stop, wait (standard library only, Python >= 3.9).
+
+    python -m pd_launcher run SPEC.json [--log-dir DIR] [--state-dir DIR] [--grace S]
+                                        [--check] [--log-max-bytes N] [--log-backups N]
+    python -m pd_launcher stop --state-dir DIR [--grace S]
+    python -m pd_launcher wait SPEC.json --timeout S [--interval S] [--state-dir DIR]
+                                         [--log-dir DIR]
+
+Exit codes:
+    0  ok; clean stop; nothing to stop; --check passed; wait: all ready
+    1  a supervised child exited (its siblings were stopped); wait: the launcher is gone;
+       stop: something recorded could not be stopped
+    2  usage error or invalid node spec (messages name the field)
+    3  node check failed: port busy, path/device/command missing, NIC not found,
+       a file could not be written, pre_start failed; nothing was started
+    4  wait: timed out
+    5  a launcher is already running on this state directory
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import List, Optional
+
+from . import logs
+from .common import (
+    EXIT_NODE,
+    EXIT_OK,
+    EXIT_RUNNING,
+    EXIT_USAGE,
+    LauncherError,
+    mask_env,
+    shell_quote_argv,
+)
+from .spec import NodeSpec, load_spec
+from .state import read_state, state_path
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise LauncherError(f"{self.prog}: {message}\n{self.format_usage().rstrip()}",
+                            EXIT_USAGE)
+
+
+def _positive(text: str) -> float:
+    try:
+        val = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if val < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0: {text!r}")
+    return val
+
+
+def _parser(cmd: str) -> _Parser:
+    p = _Parser(prog=f"python -m pd_launcher {cmd}")
+    if cmd == "run":
+        p.add_argument("spec")
+        p.add_argument("--log-dir")
+        p.add_argument("--state-dir")
+        p.add_argument("--grace", type=_positive, help="SIGTERM->SIGKILL grace (s)")
+        p.add_argument("--check", action="store_true",
+                       help="validate spec and node, print what would run, start nothing")
+        p.add_argument("--log-max-bytes", type=int, default=logs.DEFAULT_MAX_BYTES)
+        p.add_argument("--log-backups", type=int, default=logs.DEFAULT_BACKUPS)
+    elif cmd == "stop":
+        p.add_argument("--state-dir", required=True)
+        p.add_argument("--grace", type=_positive)
+    elif cmd == "wait":
+        p.add_argument("spec")
+        p.add_argument("--timeout", type=_positive, required=True)
+        p.add_argument("--interval", type=_positive, default=1.0)
+        p.add_argument("--state-dir")
+        p.add_argument("--log-dir")
+    return p
+
+
+def _dirs(spec: NodeSpec, state_dir: Optional[str], log_dir: Optional[str]):
+    state = state_dir or spec.dirs.get("state")
+    log = log_dir or spec.dirs.get("log")
+    missing = [n for n, v in (("state", state), ("log", log)) if not v]
+    if missing:
+        raise LauncherError("no {} directory: set dirs.{} in the spec or pass {}".format(
+            " / ".join(missing), " / dirs.".join(missing),
+            " ".join(f"--{m}-dir" for m in missing)), EXIT_USAGE)
+    return os.path.abspath(str(state)), os.path.abspath(str(log))
+
+
+def _print_plan(spec: NodeSpec, nic: Optional[str], state_dir: str, log_dir: str,
+                grace: float, out=sys.stdout) -> None:
+    from .common import mask_argv
+
+    w = out.write
+    w(f"node spec {spec.source}: cluster {spec.cluster}, node {spec.node}, "
+      f"role {spec.role}, ip {spec.ip}\n")
+    w(f"state dir {state_dir}, log dir {log_dir}, grace {grace:.1f}s\n")
+    if spec.nic is not None:
+        nic_env = " ".join(f"{v}={nic or '?'}" for v in spec.nic.env) or "(no env)"
+        w(f"nic: {nic or '?'} holds {spec.nic.ip or '-'} -> {nic_env}\n")
+    for f in spec.files:
+        w(f"would write {f.path} (mode {f.mode:04o}, {len(f.content)} bytes)\n")
+    for argv in spec.pre_start:
+        w(f"would run before start: {shell_quote_argv(mask_argv(argv))}\n")
+    for p in spec.processes:
+        env = dict(p.env)
+        if nic and spec.nic is not None:
+            for var in spec.nic.env:
+                env[var] = nic
+        env_txt = " ".join("{}={}".format(*kv) for kv in sorted(mask_env(env).items()))
+        w(f"would start {p.name}:\n")
+        w("    env (added): %s\n" % (env_txt or "-"))
+        w(f"    argv: {shell_quote_argv(mask_argv(p.argv))}\n")
+        w("    ports: %s\n" % (", ".join(f"{pt.label()} {pt.use}" for pt in p.ports)
+                               or "-"))
+        w("    ready: %s\n" % (p.ready.describe() if p.ready else "-"))
+        w(f"    log: {logs.process_log_path(log_dir, p.name)}\n")
+    out.flush()
+
+
+def _previous_run(state_dir: str, log: logging.Logger, check: bool, grace: float) -> None:
+    """Refuse when a launcher runs on `state_dir`; clean up after a dead one.
+
+    Stale state (the recorded launcher is gone): recorded children that are still
+    alive *and* match their start time and command line are stopped (SIGTERM, grace,
+    SIGKILL) before anything starts, so a re-run after a crash converges; PIDs that
+    no longer match are left alone. With --check nothing is touched.
+    """
+    from .stop import same_pid_namespace, stop_recorded_processes, verify_recorded
+
+    try:
+        state = read_state(state_dir)
+    except (OSError, ValueError) as exc:
+        raise LauncherError(f"cannot read state file {state_path(state_dir)}: {exc} "
+                            "(remove it if it is garbage)", EXIT_RUNNING) from exc
+    if state is None:
+        return
+    if not same_pid_namespace(state):
+        # A container restart gives a new PID namespace: the recorded PIDs are gone
+        # with the old one (or cannot be checked from here, the lock decides).
+        log.info("ignoring state file from another PID namespace (%s)",
+                 state.get("pid_namespace"))
+        return
+    launcher = state.get("launcher") or {}
+    if launcher and int(launcher.get("pid") or 0) != os.getpid():
+        verdict, detail = verify_recorded(launcher)
+        if verdict == "ours":
+            raise LauncherError(f"a launcher is already running on {state_dir} ({detail}); "
+                                f"stop it first: python -m pd_launcher stop --state-dir "
+                                f"{state_dir}", EXIT_RUNNING)
+    alive = [r for r in state.get("processes") or [] if verify_recorded(r)[0] == "ours"]
+    if check:
+        if alive:
+            log.warning("stale state: %d recorded process(es) of a dead launcher still run: %s",
+                        len(alive), ", ".join("{} (pid {})".format(r.get("name"), r.get("pid"))
+                                              for r in alive))
+        return
+    if alive or state.get("processes"):
+        log.warning("stale state file from a launcher that is gone: stopping what it left")
+        if not stop_recorded_processes(state, grace, log):
+            raise LauncherError("processes of the previous launcher survived SIGKILL",
+                                EXIT_RUNNING)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .nodefacts import check_node
+    from .supervisor import Supervisor
+
+    spec = load_spec(args.spec)
+    state_dir, log_dir = _dirs(spec, args.state_dir, args.log_dir)
+    grace = spec.grace_seconds if args.grace is None else args.grace
+    log = logs.setup_launcher_logger(None if args.check else log_dir, args.log_max_bytes,
+                                     args.log_backups)
+    sup = Supervisor(spec, args.spec, state_dir, log_dir, grace, None, log,
+                     log_max_bytes=args.log_max_bytes, log_backups=args.log_backups)
+    if not args.check:
+        try:
+            locked = sup.acquire_lock()
+        except OSError as exc:
+            raise LauncherError(f"cannot create state dir {state_dir}: {exc}",
+                                EXIT_NODE) from exc
+        if not locked:
+            lock = os.path.join(state_dir, "launcher.lock")
+            raise LauncherError(f"a launcher is already running on {state_dir} (lock {lock} "
+                                "is held)", EXIT_RUNNING)
+    _previous_run(state_dir, log, args.check, grace)
+    nic, errors = check_node(spec)
+    if args.check:
+        _print_plan(spec, nic, state_dir, log_dir, grace)
+        if errors:
+            sys.stdout.write("node check FAILED:\n" + "".join(f"  - {e}\n" for e in errors))
+            return EXIT_NODE
+        sys.stdout.write(f"node check ok: {len(spec.processes)} process(es) would start\n")
+        return EXIT_OK
+    if errors:
+        raise LauncherError("node check failed, nothing started:\n"
+                            + "\n".join("  - " + e for e in errors), EXIT_NODE)
+    sup.nic_name = nic
+    log.info("node checks passed (%s); spec %s", f"nic {nic}" if nic else "no nic needed",
+             os.path.abspath(args.spec))
+    return sup.run()
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    from .stop import stop_command
+
+    log = logs.setup_launcher_logger(None, 0, 0)
+    return stop_command(os.path.abspath(args.state_dir), args.grace, log)
+
+
+def cmd_wait(args: argparse.Namespace) -> int:
+    from .ready import wait_ready
+
+    spec = load_spec(args.spec)
+    state_dir = args.state_dir
+    if not state_dir and spec.dirs.get("state") and os.path.isdir(spec.dirs["state"]):
+        state_dir = spec.dirs["state"]
+    log_dir = args.log_dir or spec.dirs.get("log")
+    return wait_ready(spec, args.timeout, args.interval, log_dir, state_dir)
+
+
+COMMANDS = {"run": cmd_run, "stop": cmd_stop, "wait": cmd_wait}
+
+
+def main(argv: List[str]) -> int:
+    if not argv or argv[0] not in COMMANDS:
+        sys.stderr.write(f"usage: python -m pd_launcher {{run,stop,wait}} ...\n{__doc__}")
+        return EXIT_USAGE
+    cmd = argv[0]
+    try:
+        args = _parser(cmd).parse_args(argv[1:])
+        return COMMANDS[cmd](args)
+    except LauncherError as exc:
+        logger = logging.getLogger("pd_launcher.launcher")
+        if logger.handlers:  # launcher.log and stderr
+            logger.error("%s", exc)
+        else:
+            sys.stderr.write(f"pd-launcher {cmd}: {exc}\n")
+        return exc.code
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,387 @@
+"""`run`: write files, run pre_start, start every process, supervise, stop.
+
+Signals: SIGTERM, SIGINT and SIGHUP ask for a clean stop (a second one cuts the
+grace period short). SIGCHLD wakes the loop, which reaps every child with
+``waitpid(-1, WNOHANG)``, including orphans adopted when the launcher is PID 1 in a
+container. When any supervised child exits, its siblings are stopped and the
+launcher exits 1.
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from . import logs, procinfo
+from .common import (
+    EXIT_CHILD,
+    EXIT_NODE,
+    EXIT_OK,
+    LauncherError,
+    describe_status,
+    mask_argv,
+    shell_quote_argv,
+    tail_lines,
+)
+from .spec import NodeSpec, Process
+from .state import atomic_write, remove_state, write_state
+from .stop import Target, terminate
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+PRE_START_TIMEOUT = 300.0
+LOOP_INTERVAL = 1.0
+LOG_TAIL = 20
+
+
+def _pdeathsig_preexec():  # -> Optional[Callable[[], None]]
+    """preexec_fn asking the kernel to SIGTERM the child if the launcher dies (Linux)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        prctl = libc.prctl
+    except (ImportError, OSError, AttributeError):
+        return None
+    parent = os.getpid()
+    pr_set_pdeathsig = 1
+
+    def preexec() -> None:
+        prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0)
+        if os.getppid() != parent:  # the launcher died before prctl took effect
+            os._exit(1)
+
+    return preexec
+
+
+@dataclass
+class Child:
+    proc: Process
+    popen: subprocess.Popen  # kept only so that Popen.__del__ does not reap behind us
+    pid: int
+    start_time: int
+    cmdline: List[str]
+    log_path: str
+    started_at: float
+    status: Optional[int] = None
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+
+class Supervisor:
+    def __init__(self, spec: NodeSpec, spec_path: str, state_dir: str, log_dir: str,
+                 grace: float, nic_name: Optional[str], log: logging.Logger,
+                 log_max_bytes: int = logs.DEFAULT_MAX_BYTES,
+                 log_backups: int = logs.DEFAULT_BACKUPS) -> None:
+        self.spec = spec
+        self.spec_path = os.path.abspath(spec_path)
+        self.state_dir = state_dir
+        self.log_dir = log_dir
+        self.grace = grace
+        self.nic_name = nic_name
+        self.log = log
+        self.log_max_bytes = log_max_bytes
+        self.log_backups = log_backups
+        self.children: List[Child] = []
+        self.stop_requests = 0
+        self.status = "starting"
+        self.failure: Optional[Dict[str, Any]] = None
+        self._wake_r = -1
+        self._wake_w = -1
+        self._old_handlers: Dict[int, Any] = {}
+        self._lock_fd = -1
+        me = os.getpid()
+        self.identity = {
+            "pid": me,
+            "start_time": procinfo.start_time(me),
+            "cmdline": mask_argv(procinfo.read_cmdline(me) or sys.argv),
+        }
+
+    # ---- environment -------------------------------------------------------------
+    def child_env(self, proc: Process) -> Dict[str, str]:
+        env = dict(os.environ)
+        env.update(proc.env)
+        if self.nic_name and self.spec.nic is not None:
+            for var in self.spec.nic.env:
+                env[var] = self.nic_name
+        return env
+
+    # ---- state -------------------------------------------------------------------
+    def state_dict(self) -> Dict[str, Any]:
+        return {
+            "status": self.status,
+            "spec": self.spec_path,
+            "cluster": self.spec.cluster,
+            "node": self.spec.node,
+            "role": self.spec.role,
+            "grace_seconds": self.grace,
+            "pid_namespace": procinfo.pid_namespace(),
+            "log_dir": os.path.abspath(self.log_dir),
+            "nic": self.nic_name,
+            "launcher": dict(self.identity),
+            "processes": [
+                {
+                    "name": c.proc.name,
+                    "pid": c.pid,
+                    "pgid": c.pid,
+                    "start_time": c.start_time,
+                    "argv": mask_argv(c.proc.argv),
+                    "cmdline": mask_argv(c.cmdline),
+                    "ports": [{"host": p.host, "port": p.port, "use": p.use}
+                              for p in c.proc.ports],
+                    "log": c.log_path,
+                    "started_at": c.started_at,
+                    "exit": None if c.status is None else describe_status(c.status),
+                }
+                for c in self.children
+            ],
+            "failure": self.failure,
+        }
+
+    def save_state(self) -> None:
+        write_state(self.state_dir, self.state_dict())
+
+    # ---- locking (one launcher per state dir) -------------------------------------
+    def acquire_lock(self) -> bool:
+        os.makedirs(self.state_dir, exist_ok=True)
+        fd = os.open(os.path.join(self.state_dir, "launcher.lock"),
+                     os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                return False
+            raise
+        self._lock_fd = fd
+        return True
+
+    # ---- signals -----------------------------------------------------------------
+    def _on_stop_signal(self, signum: int, _frame: Any) -> None:
+        self.stop_requests += 1
+
+    def _on_sigchld(self, _signum: int, _frame: Any) -> None:
+        pass  # the wakeup fd does the work
+
+    def install_signals(self) -> None:
+        self._wake_r, self._wake_w = os.pipe()
+        for fd in (self._wake_r, self._wake_w):
+            os.set_blocking(fd, False)
+            os.set_inheritable(fd, False)
+        signal.set_wakeup_fd(self._wake_w)
+        for sig in STOP_SIGNALS:
+            self._old_handlers[sig] = signal.signal(sig, self._on_stop_signal)
+        self._old_handlers[signal.SIGCHLD] = signal.signal(signal.SIGCHLD, self._on_sigchld)
+
+    def restore_signals(self) -> None:
+        for sig, handler in self._old_handlers.items():
+            try:
+                signal.signal(sig, handler)
+            except (TypeError, ValueError):
+                pass
+        signal.set_wakeup_fd(-1)
+        for fd in (self._wake_r, self._wake_w):
+            if fd >= 0:
+                os.close(fd)
+        self._wake_r = self._wake_w = -1
+
+    def _sleep(self, timeout: float) -> None:
+        try:
+            ready, _, _ = select.select([self._wake_r], [], [], timeout)
+        except InterruptedError:
+            return
+        if ready:
+            try:
+                while os.read(self._wake_r, 512):
+                    pass
+            except (BlockingIOError, InterruptedError):
+                pass
+
+    # ---- reaping -----------------------------------------------------------------
+    def reap(self) -> None:
+        """Collect every exited child (ours and, as PID 1, adopted orphans)."""
+        by_pid = {c.pid: c for c in self.children}
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            except InterruptedError:
+                continue
+            if pid == 0:
+                return
+            child = by_pid.get(pid)
+            if child is None:
+                self.log.debug("reaped orphan pid %d (%s)", pid, describe_status(status))
+                continue
+            child.status = status
+            child.popen.returncode = (os.WEXITSTATUS(status) if os.WIFEXITED(status)
+                                      else -os.WTERMSIG(status) if os.WIFSIGNALED(status)
+                                      else status)
+
+    # ---- start -------------------------------------------------------------------
+    def write_files(self) -> None:
+        for f in self.spec.files:
+            atomic_write(f.path, f.content.encode("utf-8"), f.mode)
+            self.log.info("wrote %s (mode %04o, %d bytes)", f.path, f.mode, len(f.content))
+
+    def run_pre_start(self) -> None:
+        base = dict(os.environ)
+        if self.nic_name and self.spec.nic is not None:
+            for var in self.spec.nic.env:
+                base[var] = self.nic_name
+        out_path = os.path.join(self.log_dir, "pre_start.log")
+        for i, argv in enumerate(self.spec.pre_start):
+            if self.stop_requests:
+                return
+            shown = shell_quote_argv(mask_argv(argv))
+            self.log.info("pre_start[%d]: %s", i, shown)
+            logs.write_banner(out_path, f"pre_start[{i}]: {shown}")
+            with logs.open_process_log(out_path) as out:
+                try:
+                    p = subprocess.Popen(argv, env=base, stdin=subprocess.DEVNULL, stdout=out,
+                                         stderr=subprocess.STDOUT)
+                except OSError as exc:
+                    raise LauncherError(f"pre_start[{i}] {shown}: cannot run: {exc}",
+                                        EXIT_NODE) from exc
+                deadline = time.monotonic() + PRE_START_TIMEOUT
+                while p.poll() is None:
+                    if self.stop_requests or time.monotonic() > deadline:
+                        p.kill()
+                        p.wait()
+                        if self.stop_requests:
+                            return
+                        raise LauncherError(f"pre_start[{i}] {shown}: timed out after "
+                                            f"{PRE_START_TIMEOUT:.0f}s", EXIT_NODE)
+                    time.sleep(0.05)
+            if p.returncode != 0:
+                tail = "\n".join("    " + line for line in tail_lines(out_path, LOG_TAIL))
+                raise LauncherError(f"pre_start[{i}] {shown} failed with exit code "
+                                    f"{p.returncode}; output:\n{tail}", EXIT_NODE)
+
+    def start_process(self, proc: Process, preexec: Any) -> Child:
+        log_path = logs.process_log_path(self.log_dir, proc.name)
+        shown = shell_quote_argv(mask_argv(proc.argv))
+        logs.write_banner(log_path, f"starting {proc.name}: {shown}")
+        out = logs.open_process_log(log_path)
+        try:
+            popen = subprocess.Popen(
+                proc.argv, env=self.child_env(proc), stdin=subprocess.DEVNULL, stdout=out,
+                stderr=subprocess.STDOUT, start_new_session=True, close_fds=True,
+                preexec_fn=preexec,
+            )
+        finally:
+            out.close()
+        pid = popen.pid
+        start = procinfo.start_time(pid)
+        child = Child(proc=proc, popen=popen, pid=pid, start_time=start or 0,
+                      cmdline=procinfo.read_cmdline(pid) or list(proc.argv), log_path=log_path,
+                      started_at=time.time())
+        self.log.info("started %s: pid %d, ports %s, log %s", proc.name, pid,
+                      ", ".join(p.label() for p in proc.ports) or "-", log_path)
+        return child
+
+    def start_all(self) -> None:
+        preexec = _pdeathsig_preexec()
+        for proc in self.spec.processes:
+            if self.stop_requests:
+                return
+            self.reap()
+            try:
+                child = self.start_process(proc, preexec)
+            except OSError as exc:
+                shown = shell_quote_argv(mask_argv(proc.argv))
+                raise LauncherError(f"cannot start {proc.name} ({shown}): {exc}",
+                                    EXIT_NODE) from exc
+            self.children.append(child)
+            self.save_state()
+
+    # ---- stop --------------------------------------------------------------------
+    def stop_children(self) -> List[Target]:
+        targets = [Target(name=c.proc.name, sid=c.pid) for c in self.children]
+        if not targets:
+            return []
+        self.log.info("stopping %d process(es): SIGTERM, grace %.1fs", len(targets), self.grace)
+        left = terminate(targets, self.grace, self.log, reap=self.reap,
+                         escalate=lambda: self.stop_requests > 1)
+        self.reap()
+        return left
+
+    def report_exit(self, child: Child) -> None:
+        status = describe_status(child.status if child.status is not None else 0)
+        self.failure = {"process": child.proc.name, "pid": child.pid, "status": status,
+                        "at": time.time()}
+        tail = tail_lines(child.log_path, LOG_TAIL)
+        self.log.error("process %s (pid %d) exited: %s; last %d lines of %s:\n%s",
+                       child.proc.name, child.pid, status, len(tail), child.log_path,
+                       "\n".join("    | " + line for line in tail) or "    (empty)")
+
+    # ---- main --------------------------------------------------------------------
+    def run(self) -> int:
+        self.install_signals()
+        try:
+            return self._run()
+        finally:
+            self.restore_signals()
+
+    def _run(self) -> int:
+        self.save_state()
+        code = EXIT_OK
+        try:
+            self.write_files()
+            self.run_pre_start()
+            self.start_all()
+        except LauncherError as exc:
+            self.log.error("%s", exc)
+            code = exc.code
+        if code == EXIT_OK and not self.stop_requests:
+            self.status = "running"
+            self.save_state()
+            self.log.info("running %d process(es) of %s/%s role %s", len(self.children),
+                          self.spec.cluster, self.spec.node, self.spec.role)
+            code = self.supervise()
+        if self.stop_requests and code == EXIT_OK:
+            self.log.info("stop requested")
+        self.status = "stopping" if code == EXIT_OK else "failed"
+        self.save_state()
+        left = self.stop_children()
+        if left:
+            self.log.error("still running after SIGKILL: %s",
+                           ", ".join(f"{t.name} (pgid {t.sid})" for t in left))
+            return code or EXIT_CHILD
+        if code == EXIT_OK:
+            remove_state(self.state_dir)
+            self.log.info("all processes stopped; state file removed")
+        else:
+            self.save_state()  # keeps status "failed" and the failure for `wait`/`status`
+            self.log.info("all processes stopped; exiting with code %d", code)
+        return code
+
+    def supervise(self) -> int:
+        last_rotate = 0.0
+        while True:
+            self.reap()
+            if self.stop_requests:
+                return EXIT_OK
+            exited = [c for c in self.children if c.status is not None]
+            if exited:
+                for c in exited:
+                    self.report_exit(c)
+                return EXIT_CHILD
+            now = time.monotonic()
+            if now - last_rotate >= LOOP_INTERVAL:
+                last_rotate = now
+                for c in self.children:
+                    try:
+                        if logs.rotate_if_needed(c.log_path, self.log_max_bytes,
+                                                 self.log_backups):
+                            self.log.info("rotated %s", c.log_path)
+                    except OSError as exc:
+                        self.log.warning("cannot rotate %s: %s", c.log_path, exc)
+            self._sleep(LOOP_INTERVAL)
