@@ -178,6 +178,7 @@ def engine_spec(plan: ClusterPlan, node: Node) -> dict[str, Any]:
         "instance": inst.name,
         "master": node.master,
         "engine": inst.engine,
+        "base_dir": node.base_dir,
         "dirs": dirs_for(node.base_dir, node.role),
         "grace_seconds": node.grace,
         "checks": {
@@ -222,6 +223,7 @@ def proxy_spec(plan: ClusterPlan, proxy: ProxyHost) -> dict[str, Any]:
         "instance": None,
         "master": False,
         "engine": "nginx",
+        "base_dir": proxy.base_dir,
         "dirs": dirs,
         "grace_seconds": proxy.grace,
         "checks": unit.get("checks", {"paths": [], "devices": [], "commands": []}),

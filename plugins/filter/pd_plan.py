@@ -17,7 +17,8 @@ _REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__
 if _REPO not in sys.path:
     sys.path.insert(0, _REPO)
 
-from pd_launcher.cli_plan import plan_document  # noqa: E402
+from pd_launcher.cli_plan import plan_document, public_document, render_text  # noqa: E402
+from pd_launcher.status_table import pd_status_table  # noqa: E402
 from pd_launcher.inventory import _plain  # noqa: E402
 from pd_launcher.settings import PlanInvalid  # noqa: E402
 from pd_launcher.topology import HOST_KEYS  # noqa: E402
@@ -32,11 +33,29 @@ def _vars_of(hostvars: Any, host: str) -> dict[str, Any]:
     return out
 
 
-def pd_cluster_plan(groups: Any, hostvars: Any) -> dict[str, Any]:
+def _inputs(groups: Any, hostvars: Any) -> tuple[dict, dict]:
     wanted = {g: list(groups.get(g, [])) for g in ("P", "D", "C") if g in groups}
     hosts = {h for members in wanted.values() for h in members}
+    return wanted, {h: _vars_of(hostvars, h) for h in hosts}
+
+
+def pd_cluster_errors(groups: Any, hostvars: Any) -> list[str]:
+    """Every inventory error as 'host: field: message' ([] when the plan is valid)."""
     try:
-        return plan_document(wanted, {h: _vars_of(hostvars, h) for h in hosts})
+        plan_document(*_inputs(groups, hostvars))
+    except PlanInvalid as exc:
+        return [str(e) for e in exc.errors]
+    return []
+
+
+def pd_cluster_summary(plan: dict[str, Any]) -> list[str]:
+    """A secret-free, human summary of a plan (for the validate role's output)."""
+    return render_text(public_document(plan)).splitlines()[:64]
+
+
+def pd_cluster_plan(groups: Any, hostvars: Any) -> dict[str, Any]:
+    try:
+        return plan_document(*_inputs(groups, hostvars))
     except PlanInvalid as exc:
         lines = "\n".join(f"  - {e}" for e in exc.errors)
         raise AnsibleFilterError(
@@ -45,4 +64,9 @@ def pd_cluster_plan(groups: Any, hostvars: Any) -> dict[str, Any]:
 
 class FilterModule:
     def filters(self) -> dict[str, Any]:
-        return {"pd_cluster_plan": pd_cluster_plan}
+        return {
+            "pd_cluster_plan": pd_cluster_plan,
+            "pd_cluster_errors": pd_cluster_errors,
+            "pd_cluster_summary": pd_cluster_summary,
+            "pd_status_table": pd_status_table,
+        }

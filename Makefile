@@ -1,0 +1,50 @@
+# pd-deploy developer entry points. See README.md.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+VLLM_VENV ?= .venv-vllm
+BIN := $(VENV)/bin
+INVENTORY ?= inventories/local/inventory.yml
+PYTEST_ARGS ?=
+
+.PHONY: demo demo-status demo-clean test lint unit venv deps vllm-venv plan
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+venv: $(BIN)/.installed
+
+deps:
+	.ci/install-deps.sh test
+
+vllm-venv:
+	.ci/install-vllm.sh $(VLLM_VENV)
+
+## The local emulated cluster: deploy, one streaming request through the proxy, how to reach it.
+demo: venv
+	.ci/install-deps.sh demo
+	$(BIN)/ansible-playbook -i $(INVENTORY) site.yml
+	@$(BIN)/python -m pd_launcher.demo_request -i $(INVENTORY)
+
+demo-status: venv
+	$(BIN)/ansible-playbook -i $(INVENTORY) status.yml
+
+demo-clean: venv
+	$(BIN)/ansible-playbook -i $(INVENTORY) cleanup.yml
+
+plan: venv
+	$(BIN)/python -m pd_launcher plan -i $(INVENTORY)
+
+lint: venv
+	$(BIN)/ruff check pd_launcher plugins tests bench
+	$(BIN)/yamllint -s .
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/ansible-lint --profile production --offline -q site.yml status.yml cleanup.yml logs.yml playbooks roles
+
+unit: venv
+	$(BIN)/pytest -q tests/unit $(PYTEST_ARGS)
+
+## Everything CI runs: system packages, both virtualenvs, linters, the whole test suite.
+test: deps venv vllm-venv lint
+	PD_VLLM_PYTHON=$(CURDIR)/$(VLLM_VENV)/bin/python $(BIN)/pytest -q -rs tests $(PYTEST_ARGS)
