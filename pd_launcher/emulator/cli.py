@@ -1,0 +1,38 @@
+"""`python -m pd_launcher.emulator serve MODEL [vllm serve flags]`."""
+from __future__ import annotations
+
+import asyncio
+import sys
+from typing import List, Optional
+
+USAGE = """usage: python -m pd_launcher.emulator serve MODEL [vllm serve flags]
+
+An engine emulator that stands in for `vllm serve`: same argv, same HTTP API,
+real KV hand-off between prefill and decode over TCP. See
+pd_launcher/emulator/README.md for the environment variables (PD_EMU_*).
+"""
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help"):
+        sys.stdout.write(USAGE)
+        return 0 if args else 2
+    if args[0] != "serve":
+        sys.stderr.write(f"unknown command {args[0]!r}\n{USAGE}")
+        return 2
+    from .args import main_parse
+    from .runtime import serve, setup_logging
+    from .settings import SettingsError, from_environ
+
+    engine_args = main_parse(args[1:])
+    try:
+        lat, faults = from_environ()
+    except SettingsError as exc:
+        sys.stderr.write(f"python -m pd_launcher.emulator serve: error: {exc}\n")
+        return 2
+    setup_logging(engine_args)
+    try:
+        return asyncio.run(serve(engine_args, lat, faults))
+    except KeyboardInterrupt:
+        return 130
