@@ -1,0 +1,880 @@
+"""The global proxy (C node): nginx + njs, configured from the plan's proxy block.
+
+Two halves:
+
+* controller side, `proxy_unit(proxy, dirs)`: renders templates/nginx.conf.j2 and
+  ships templates/pd_router.js; returns the files, the `nginx -t` pre-start check
+  and the processes of the C node spec. All arithmetic (upstream lists, balancing
+  policy -> directives, limits, retry maps) is done here; the template only
+  places values. Jinja2 is imported lazily.
+
+* node side, `python -m pd_launcher.proxy agent CONFIG.json` (standard library
+  only): the proxy agent. nginx/njs 0.7 has no state shared across requests
+  (no js_shared_dict before njs 0.8), and stock nginx exposes neither counters
+  nor the health of its upstream peers, so the agent
+    - tails nginx's JSON access log and serves Prometheus metrics (/metrics);
+    - probes every upstream's GET /health (active health checks) and, when a
+      peer fails `health_fails` probes in a row, rewrites pd_upstreams.conf
+      with that peer marked `down` and reloads nginx (SIGHUP, graceful);
+    - answers /health: how many upstreams of each pool are considered healthy
+      (last probe passed and no failure seen in the log within fail_timeout_s).
+  nginx proxies /health and /metrics to it; serving never depends on it.
+
+See docs/proxy.md.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import sys
+import threading
+import time
+from typing import Any
+
+TEMPLATES_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                             "templates")
+DEFAULT_NJS_MODULE = "/usr/lib/nginx/modules/ngx_http_js_module.so"
+NJS_MODULE_FILE = "ngx_http_js_module.so"
+
+BALANCE = {
+    "least_conn": "least_conn;",
+    "random_two_least_conn": "random two least_conn;",
+    "round_robin": "",
+}
+
+# Options of the proxy block (docs/node-spec.md) and their defaults; None in the
+# block means "default". Keys after the first group are optional extensions.
+DEFAULTS: dict[str, Any] = {
+    "prefill_balance": "least_conn",
+    "decode_balance": "least_conn",
+    "keepalive": 64,
+    "max_fails": 1,
+    "fail_timeout_s": 10,
+    "prefill_attempts": 3,
+    "decode_attempts": 2,
+    "fallback": True,
+    "max_body_size": "8m",
+    "api_key": None,
+    "engine_api_key": None,
+    "min_prefill_chars": 0,
+    "connect_timeout_s": 3,
+    "prefill_timeout_s": 600,
+    "decode_timeout_s": 3600,
+    "worker_processes": 1,
+    # extensions
+    "upstream_keepalive_timeout_s": 4,   # below uvicorn's 5 s idle close (vLLM default)
+    "prefill_response_buffer": "256k",   # largest prefill response held in memory
+    "worker_connections": 8192,
+    "user": None,                        # nginx `user` (only meaningful when run as root)
+    "njs_module": None,                  # path of ngx_http_js_module.so; "" = built in
+    "admin_port": None,                  # agent port; default listen port + 1
+    "active_health": True,
+    "health_interval_s": 5,
+    "health_timeout_s": 2,
+    "health_fails": 2,
+    "health_passes": 1,
+    "error_log_level": "warn",
+}
+
+ROUTES = ["/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics"]
+
+_SIZE_RE = re.compile(r"^[0-9]+[kKmMgG]?$")
+_HOSTPORT_RE = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):([0-9]{1,5})$")
+_KEY_RE = re.compile(r"^[A-Za-z0-9._~+/=:-]{1,512}$")
+_WILDCARD = {"0.0.0.0", "[::]", "*"}
+
+
+class ProxyConfigError(ValueError):
+    """A field of the proxy block is invalid; the message names the field."""
+
+
+# ----------------------------------------------------------------- validation
+
+
+def _hostport(value: Any, field: str) -> tuple[str, int]:
+    m = _HOSTPORT_RE.match(str(value)) if isinstance(value, str) else None
+    if not m or not (1 <= int(m.group(2)) <= 65535):
+        raise ProxyConfigError(f"proxy.{field}: expected host:port, got {value!r}")
+    return m.group(1), int(m.group(2))
+
+
+def _int(opts: dict, key: str, lo: int, hi: int) -> int:
+    v = opts[key]
+    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+        raise ProxyConfigError(f"proxy.options.{key}: expected an integer in {lo}..{hi}, "
+                               f"got {v!r}")
+    return v
+
+
+def _size(opts: dict, key: str) -> str:
+    v = opts[key]
+    if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+        return str(v)
+    if not isinstance(v, str) or not _SIZE_RE.match(v):
+        raise ProxyConfigError(f"proxy.options.{key}: expected an nginx size like 8m, "
+                               f"got {v!r}")
+    return v
+
+
+def _size_bytes(s: str) -> int:
+    mult = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}.get(s[-1].lower(), 1)
+    return int(s.rstrip("kKmMgG")) * mult
+
+
+def _key(opts: dict, key: str) -> str | None:
+    v = opts[key]
+    if v is None or v == "":
+        return None
+    if not isinstance(v, str) or not _KEY_RE.match(v):
+        # never echo the value: it is a secret
+        raise ProxyConfigError(f"proxy.options.{key}: must be 1-512 characters of "
+                               "A-Z a-z 0-9 . _ ~ + / = : -")
+    return v
+
+
+def options_of(proxy: dict) -> dict[str, Any]:
+    """The proxy block's options with defaults filled in, validated."""
+    raw = proxy.get("options") or {}
+    if not isinstance(raw, dict):
+        raise ProxyConfigError("proxy.options: expected a mapping")
+    unknown = sorted(set(raw) - set(DEFAULTS))
+    if unknown:
+        raise ProxyConfigError(f"proxy.options: unknown option(s) {', '.join(unknown)}")
+    o = {k: (raw[k] if raw.get(k) is not None else v) for k, v in DEFAULTS.items()}
+    for k in ("prefill_balance", "decode_balance"):
+        if o[k] not in BALANCE:
+            raise ProxyConfigError(f"proxy.options.{k}: expected one of "
+                                   f"{', '.join(BALANCE)}, got {o[k]!r}")
+    _int(o, "keepalive", 0, 100000)
+    _int(o, "max_fails", 0, 1000)
+    _int(o, "fail_timeout_s", 1, 86400)
+    _int(o, "prefill_attempts", 1, 100)
+    _int(o, "decode_attempts", 1, 100)
+    _int(o, "min_prefill_chars", 0, 10**9)
+    _int(o, "connect_timeout_s", 1, 3600)
+    _int(o, "prefill_timeout_s", 1, 86400)
+    _int(o, "decode_timeout_s", 1, 86400)
+    _int(o, "upstream_keepalive_timeout_s", 1, 3600)
+    _int(o, "worker_connections", 64, 1 << 20)
+    _int(o, "health_interval_s", 1, 3600)
+    _int(o, "health_timeout_s", 1, 600)
+    _int(o, "health_fails", 1, 100)
+    _int(o, "health_passes", 1, 100)
+    if o["worker_processes"] != "auto":
+        _int(o, "worker_processes", 1, 256)
+    if not isinstance(o["fallback"], bool):
+        raise ProxyConfigError(f"proxy.options.fallback: expected true/false, "
+                               f"got {o['fallback']!r}")
+    if not isinstance(o["active_health"], bool):
+        raise ProxyConfigError("proxy.options.active_health: expected true/false")
+    o["max_body_size"] = _size(o, "max_body_size")
+    o["prefill_response_buffer"] = _size(o, "prefill_response_buffer")
+    o["api_key"] = _key(o, "api_key")
+    o["engine_api_key"] = _key(o, "engine_api_key")
+    if o["user"] is not None and not re.match(r"^[a-z_][a-z0-9_-]*( [a-z_][a-z0-9_-]*)?$",
+                                              str(o["user"])):
+        raise ProxyConfigError(f"proxy.options.user: expected 'user' or 'user group', "
+                               f"got {o['user']!r}")
+    if o["error_log_level"] not in ("debug", "info", "notice", "warn", "error", "crit"):
+        raise ProxyConfigError("proxy.options.error_log_level: expected an nginx level")
+    if o["admin_port"] is not None:
+        _int(o, "admin_port", 1, 65535)
+    return o
+
+
+# ----------------------------------------------------------------- upstreams
+
+
+def upstream_pools(proxy: dict, opts: dict) -> dict[str, dict[str, Any]]:
+    """Per pool: nginx upstream name, policy directive, servers and parameters."""
+    pools = {}
+    for pool in ("prefill", "decode"):
+        servers = proxy.get(pool)
+        if not isinstance(servers, list) or not servers:
+            raise ProxyConfigError(f"proxy.{pool}: expected a non-empty list of host:port")
+        seen = set()
+        for i, s in enumerate(servers):
+            _hostport(s, f"{pool}[{i}]")
+            if s in seen:
+                raise ProxyConfigError(f"proxy.{pool}[{i}]: {s} is listed twice")
+            seen.add(s)
+        pools[pool] = {
+            "name": f"pd_{pool}",
+            "balance": BALANCE[opts[f"{pool}_balance"]],
+            "servers": list(servers),
+            "params": f"max_fails={opts['max_fails']} fail_timeout={opts['fail_timeout_s']}s",
+            "keepalive": opts["keepalive"],
+            "keepalive_timeout_s": opts["upstream_keepalive_timeout_s"],
+            "zone_kb": 64 + 2 * len(servers),
+        }
+    return pools
+
+
+def render_upstreams(pools: dict[str, dict[str, Any]], down: dict[str, set] | None = None
+                     ) -> str:
+    """nginx `upstream` blocks of the pools; peers in down[pool] get `down`.
+
+    Plain string building (standard library): the agent re-renders this file on
+    the node when active health checks change a pool.
+    """
+    down = down or {}
+    out = ["# pd-deploy proxy pools (rendered by pd_launcher.proxy; rewritten by the agent)\n"]
+    for pool, p in pools.items():
+        out.append(f"upstream {p['name']} {{\n")
+        out.append(f"    zone {p['name']} {p['zone_kb']}k;\n")
+        if p["balance"]:
+            out.append(f"    {p['balance']}\n")
+        for s in p["servers"]:
+            flag = " down" if s in down.get(pool, ()) else ""
+            out.append(f"    server {s} {p['params']}{flag};\n")
+        if p["keepalive"]:
+            out.append(f"    keepalive {p['keepalive']};\n")
+            out.append(f"    keepalive_timeout {p['keepalive_timeout_s']}s;\n")
+            out.append("    keepalive_requests 100000;\n")
+        out.append("}\n")
+    return "".join(out)
+
+
+def _retry_maps(prefill_attempts: int, decode_attempts: int
+                ) -> tuple[list[tuple[str, int]], int, list[tuple[str, int]]]:
+    # decode retries = commas in $upstream_addr; nginx can try a cached
+    # (keepalive) peer once more than the configured tries, hence the +1.
+    d_max = min(decode_attempts, 63) + 1
+    p_max = min(prefill_attempts, 63) + 1
+    decode = [("~^[^,]*" + ",[^,]*" * n + "$", n) for n in range(d_max)]
+    total = [(f"{p}:{d}", p + d) for p in range(p_max) for d in range(d_max)]
+    return decode, d_max, total
+
+
+def _error_json(code: int, type_: str, message: str) -> str:
+    body = json.dumps({"error": {"message": message, "type": type_, "param": None,
+                                 "code": code}}, separators=(",", ":"))
+    # the body goes between single quotes in nginx.conf, where $ would be a variable
+    assert "'" not in body and "$" not in body and "\\" not in body
+    return body
+
+
+ERRORS = [
+    ("pd_e400", 400, "BadRequestError", "bad request"),
+    ("pd_e413", 413, "RequestTooLargeError", "request body too large"),
+    ("pd_e500", 500, "InternalServerError", "internal proxy error"),
+    ("pd_e502", 502, "BadGatewayError", "upstream engine unavailable or failed"),
+    ("pd_e503", 503, "ServiceUnavailableError", "service unavailable"),
+    ("pd_e504", 504, "GatewayTimeoutError", "upstream engine timed out"),
+]
+
+
+def _agent_addr(host: str, port: int, opts: dict) -> tuple[str, int]:
+    ahost = "127.0.0.1" if host in _WILDCARD else host
+    if host == "[::]":
+        ahost = "[::1]"
+    aport = opts["admin_port"] or port + 1
+    if aport > 65535:
+        raise ProxyConfigError("proxy.listen: port + 1 (the agent's port) exceeds 65535; "
+                               "set proxy.options.admin_port")
+    return ahost, aport
+
+
+def _url_host(host: str) -> str:
+    return {"0.0.0.0": "127.0.0.1", "*": "127.0.0.1", "[::]": "[::1]"}.get(host, host)
+
+
+# ----------------------------------------------------------------- the unit
+
+
+def proxy_unit(proxy: dict, dirs: dict, *, nginx_bin: str = "nginx",
+               modules_dir: str | None = None, python: str = "python3") -> dict:
+    """Files, pre-start check and processes of the C node (see docs/proxy.md).
+
+    proxy: the proxy block of docs/node-spec.md; dirs: {"state","log","run"},
+    absolute paths on the node. Raises ProxyConfigError naming the bad field.
+    """
+    import jinja2  # controller side only
+
+    for k in ("run", "log"):
+        if not isinstance(dirs.get(k), str) or not os.path.isabs(dirs[k]):
+            raise ProxyConfigError(f"dirs.{k}: expected an absolute path")
+    if not isinstance(proxy, dict):
+        raise ProxyConfigError("proxy: expected the proxy block (a mapping)")
+    host, port = _hostport(proxy.get("listen"), "listen")
+    opts = options_of(proxy)
+    pools = upstream_pools(proxy, opts)
+    ahost, aport = _agent_addr(host, port, opts)
+
+    run = dirs["run"].rstrip("/") or "/"
+    logd = dirs["log"].rstrip("/") or "/"
+    conf_path = f"{run}/nginx.conf"
+    js_path = f"{run}/pd_router.js"
+    upstreams_path = f"{run}/pd_upstreams.conf"
+    agent_cfg_path = f"{run}/proxy_agent.json"
+    pid_path = f"{run}/nginx.pid"
+    access_log = f"{logd}/proxy_access.log"
+
+    if opts["njs_module"] is not None:
+        njs_module = opts["njs_module"]
+    elif modules_dir:
+        njs_module = f"{modules_dir.rstrip('/')}/{NJS_MODULE_FILE}"
+    else:
+        njs_module = DEFAULT_NJS_MODULE
+
+    decode_map, d_max, total_map = _retry_maps(opts["prefill_attempts"],
+                                               opts["decode_attempts"])
+    max_body = _size_bytes(opts["max_body_size"])
+    workers = opts["worker_processes"]
+    conns = opts["worker_connections"]
+    ctx = {
+        "listen": f"{host}:{port}",
+        "prefix": run + "/",
+        "conf_path": conf_path,
+        "njs_module": njs_module,
+        "worker_processes": workers,
+        "user": opts["user"],
+        "pid_path": pid_path,
+        "error_log_level": opts["error_log_level"],
+        "worker_connections": conns,
+        "worker_rlimit_nofile": 2 * conns + 64,
+        "temp_dir": run,
+        "client_keepalive_timeout_s": 75,
+        "keepalive_requests": 100000,
+        "map_hash_max_size": max(2048, 4 * len(total_map)),
+        "routes": ROUTES,
+        "decode_retry_map": decode_map,
+        "decode_retry_default": d_max - 1,
+        "total_retry_map": total_map,
+        "api_key_header": f"Bearer {opts['api_key']}" if opts["api_key"] else None,
+        "engine_auth_header": (f"Bearer {opts['engine_api_key']}"
+                               if opts["engine_api_key"] else None),
+        "access_log": access_log,
+        "js_path": js_path,
+        "min_prefill_chars": opts["min_prefill_chars"],
+        "fallback_enabled": 1 if opts["fallback"] else 0,
+        "upstreams_path": upstreams_path,
+        "agent_addr": f"{ahost}:{aport}",
+        "connect_timeout_s": opts["connect_timeout_s"],
+        "prefill_timeout_s": opts["prefill_timeout_s"],
+        "decode_timeout_s": opts["decode_timeout_s"],
+        "prefill_attempts": opts["prefill_attempts"],
+        "decode_attempts": opts["decode_attempts"],
+        "prefill_response_buffer": opts["prefill_response_buffer"],
+        "listen_backlog": 4096,
+        # the whole body in one memory buffer, so njs can read it
+        "max_body_size": opts["max_body_size"],
+        "client_body_timeout_s": 60,
+        "err401": _error_json(401, "AuthenticationError", "missing or invalid API key"),
+        "err404": _error_json(404, "NotFoundError", "no such endpoint"),
+        "health_local": json.dumps({"status": "ok", "proxy": "up", "agent": "down",
+                                    "pools": None}, separators=(",", ":")),
+        "error_bodies": [(n, c, _error_json(c, t, m)) for n, c, t, m in ERRORS],
+    }
+    assert max_body > 0
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES_DIR),
+                             undefined=jinja2.StrictUndefined, trim_blocks=True,
+                             lstrip_blocks=True, keep_trailing_newline=True,
+                             autoescape=False)
+    conf = env.get_template("nginx.conf.j2").render(**ctx)
+    with open(os.path.join(TEMPLATES_DIR, "pd_router.js"), encoding="utf-8") as f:
+        js = f.read()
+
+    secret = bool(opts["api_key"] or opts["engine_api_key"])
+    agent_cfg = {
+        "listen": f"{ahost}:{aport}",
+        "access_log": access_log,
+        "pid_path": pid_path,
+        "upstreams_path": upstreams_path,
+        "pools": pools,
+        "fail_timeout_s": opts["fail_timeout_s"],
+        "health": {
+            "enabled": opts["active_health"],
+            "path": "/health",
+            "interval_s": opts["health_interval_s"],
+            "timeout_s": opts["health_timeout_s"],
+            "fails": opts["health_fails"],
+            "passes": opts["health_passes"],
+        },
+    }
+    url_host = _url_host(host)
+    return {
+        "files": [
+            {"path": conf_path, "content": conf, "mode": "0600" if secret else "0644"},
+            {"path": js_path, "content": js, "mode": "0644"},
+            {"path": upstreams_path, "content": render_upstreams(pools), "mode": "0644"},
+            {"path": agent_cfg_path, "content": json.dumps(agent_cfg, indent=1) + "\n",
+             "mode": "0644"},
+        ],
+        "pre_start": [[nginx_bin, "-t", "-q", "-p", run + "/", "-c", conf_path]],
+        "processes": [
+            {
+                "name": "proxy",
+                "argv": [nginx_bin, "-p", run + "/", "-c", conf_path],
+                "env": {},
+                "ports": [{"host": _url_host(host) if host == "*" else host.strip("[]"),
+                           "port": port, "use": "proxy"}],
+                "ready": {"type": "http", "url": f"http://{url_host}:{port}/health"},
+            },
+            {
+                "name": "proxy-agent",
+                "argv": [python, "-m", "pd_launcher.proxy", "agent", agent_cfg_path],
+                "env": {},
+                "ports": [{"host": ahost.strip("[]"), "port": aport, "use": "admin"}],
+                "ready": {"type": "http", "url": f"http://{url_host}:{port}/health/agent"},
+            },
+        ],
+        "checks": {
+            "commands": [nginx_bin, python],
+            "paths": [njs_module] if njs_module.startswith("/") else [],
+            "devices": [],
+        },
+    }
+
+
+# ================================================================= the agent
+#
+# Standard library only from here on (runs on the node).
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                   5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+PD_ROUTES = ("/v1/completions", "/v1/chat/completions")
+
+
+def _esc(v: str) -> str:
+    return str(v).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _labels(d: dict) -> str:
+    if not d:
+        return ""
+    return "{" + ",".join(f'{k}="{_esc(v)}"' for k, v in d.items()) + "}"
+
+
+class Histogram:
+    def __init__(self, buckets=LATENCY_BUCKETS):
+        self.buckets = buckets
+        self.counts = [0] * len(buckets)
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, v: float) -> None:
+        self.sum += v
+        self.count += 1
+        for i, b in enumerate(self.buckets):
+            if v <= b:
+                self.counts[i] += 1
+                break
+
+    def lines(self, name: str, labels: dict) -> list[str]:
+        out, acc = [], 0
+        for b, c in zip(self.buckets, self.counts):
+            acc += c
+            out.append(f"{name}_bucket{_labels({**labels, 'le': repr(float(b))})} {acc}")
+        out.append(f"{name}_bucket{_labels({**labels, 'le': '+Inf'})} {self.count}")
+        out.append(f"{name}_sum{_labels(labels)} {self.sum!r}")
+        out.append(f"{name}_count{_labels(labels)} {self.count}")
+        return out
+
+
+def _pairs(addrs: str, statuses: str) -> list[tuple[str, str]]:
+    """'a:1, b:2' + '502, 200' -> [('a:1','502'), ('b:2','200')] (':'-joined
+    groups of internal redirects are flattened)."""
+    if not addrs:
+        return []
+    a = [x.strip() for x in re.split(r"[,]|\s:\s", addrs) if x.strip()]
+    s = [x.strip() for x in re.split(r"[,]|\s:\s", statuses or "") if x.strip()]
+    s += ["-"] * (len(a) - len(s))
+    return list(zip(a, s))
+
+
+def _num(v: Any) -> float | None:
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+
+class Metrics:
+    """Counters derived from the access log. One lock; small critical sections."""
+
+    def __init__(self, pools: dict[str, dict[str, Any]]):
+        self.lock = threading.Lock()
+        self.pools = pools
+        self.requests: dict[tuple[str, str], int] = {}
+        self.modes: dict[str, int] = {}
+        self.total = {r: Histogram() for r in ROUTES + ["other"]}
+        self.prefill = Histogram()
+        self.decode_ttfb = Histogram()
+        self.decode = Histogram()
+        self.retries = {"prefill": 0, "decode": 0}
+        self.fallbacks = 0
+        self.skipped = 0
+        self.bytes_sent = 0
+        self.attempts: dict[tuple[str, str], int] = {}
+        self.failures: dict[tuple[str, str], int] = {}
+        self.no_live: dict[str, int] = {"prefill": 0, "decode": 0}
+        self.last_failure: dict[tuple[str, str], float] = {}
+        self.parse_errors = 0
+        self.lines = 0
+        self.reloads = 0
+
+    def _attempts(self, pool: str, pairs: list[tuple[str, str]], now: float) -> None:
+        members = set(self.pools[pool]["servers"])
+        for addr, st in pairs:
+            if addr not in members:
+                if addr == self.pools[pool]["name"]:
+                    self.no_live[pool] += 1
+                continue
+            k = (pool, addr)
+            self.attempts[k] = self.attempts.get(k, 0) + 1
+            code = int(st) if st.isdigit() else 0
+            if code >= 500 or code == 0:
+                self.failures[k] = self.failures.get(k, 0) + 1
+                # passive health as nginx sees it: prefill counts 5xx, decode
+                # only connect errors / timeouts (reported as 502 / 504)
+                if pool == "prefill" or code in (0, 502, 504):
+                    self.last_failure[k] = now
+
+    def add(self, rec: dict, now: float) -> None:
+        route = rec.get("route") if rec.get("route") in ROUTES else "other"
+        status = str(rec.get("status", "-"))
+        with self.lock:
+            self.lines += 1
+            key = (route, status)
+            self.requests[key] = self.requests.get(key, 0) + 1
+            mode = str(rec.get("mode") or "-")
+            if route in PD_ROUTES:
+                self.modes[mode] = self.modes.get(mode, 0) + 1
+            t = _num(rec.get("total_time"))
+            if t is not None:
+                self.total[route].observe(t)
+            self.bytes_sent += int(_num(rec.get("bytes_sent")) or 0)
+            if route in PD_ROUTES:
+                pt = _num(rec.get("prefill_time"))
+                if pt is not None and rec.get("prefill_upstream"):
+                    self.prefill.observe(pt)
+                dt = _num(rec.get("decode_ttfb"))
+                if dt is not None:
+                    self.decode_ttfb.observe(dt)
+                dd = _num(rec.get("decode_time"))
+                if dd is not None:
+                    self.decode.observe(dd)
+                self.retries["prefill"] += int(_num(rec.get("prefill_retries")) or 0)
+                self.retries["decode"] += int(_num(rec.get("decode_retries")) or 0)
+                if rec.get("fallback") is True:
+                    self.fallbacks += 1
+                if mode == "decode_only":
+                    self.skipped += 1
+                self._attempts("prefill", _pairs(rec.get("prefill_upstream", ""),
+                                                 rec.get("prefill_status", "")), now)
+            if route in PD_ROUTES or route == "/v1/models":
+                self._attempts("decode", _pairs(rec.get("decode_upstream", ""),
+                                                rec.get("decode_status", "")), now)
+
+    def passive_failing(self, pool: str, addr: str, now: float, window: float) -> bool:
+        t = self.last_failure.get((pool, addr))
+        return t is not None and now - t < window
+
+
+class Agent:
+    def __init__(self, cfg: dict):
+        self.cfg = cfg
+        self.pools = cfg["pools"]
+        self.metrics = Metrics(self.pools)
+        self.stop = threading.Event()
+        h = cfg["health"]
+        self.health = h
+        # active state per (pool, addr): up?, consecutive fails / passes, last probe
+        self.state = {(p, s): {"up": True, "fails": 0, "passes": 0, "checked": None,
+                               "error": None}
+                      for p, v in self.pools.items() for s in v["servers"]}
+        self.down: dict[str, set] = {p: set() for p in self.pools}
+        self.started = time.time()
+
+    # -------------------------------------------------------------- log tail
+    def tail(self) -> None:
+        path = self.cfg["access_log"]
+        f, ino, buf = None, None, b""
+        while not self.stop.is_set():
+            if f is None:
+                try:
+                    f = open(path, "rb")
+                    ino = os.fstat(f.fileno()).st_ino
+                    buf = b""
+                except OSError:
+                    self.stop.wait(0.5)
+                    continue
+            chunk = f.read(1 << 20)
+            if chunk:
+                buf += chunk
+                *lines, buf = buf.split(b"\n")
+                now = time.time()
+                for line in lines:
+                    if not line.strip():
+                        continue
+                    try:
+                        self.metrics.add(json.loads(line), now)
+                    except (ValueError, TypeError):
+                        with self.metrics.lock:
+                            self.metrics.parse_errors += 1
+                continue
+            # rotated or truncated?
+            try:
+                st = os.stat(path)
+                if st.st_ino != ino or st.st_size < f.tell():
+                    f.close()
+                    f = None
+                    continue
+            except OSError:
+                pass
+            self.stop.wait(0.1)
+
+    # -------------------------------------------------------------- active health
+    def probe(self, addr: str) -> str | None:
+        import http.client
+
+        host, _, port = addr.rpartition(":")
+        try:
+            c = http.client.HTTPConnection(host.strip("[]"), int(port),
+                                           timeout=self.health["timeout_s"])
+            c.request("GET", self.health["path"])
+            st = c.getresponse().status
+            c.close()
+            return None if 200 <= st < 300 else f"status {st}"
+        except OSError as e:
+            return type(e).__name__ + (f": {e}" if str(e) else "")
+        except Exception as e:  # http.client.HTTPException and friends
+            return type(e).__name__
+
+    def check_once(self) -> bool:
+        """Probe every upstream; returns True when the set of down peers changed."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        keys = list(self.state)
+        with ThreadPoolExecutor(max_workers=min(16, len(keys))) as ex:
+            results = list(ex.map(lambda k: self.probe(k[1]), keys))
+        now = time.time()
+        for k, err in zip(keys, results):
+            s = self.state[k]
+            s["checked"], s["error"] = now, err
+            if err is None:
+                s["passes"], s["fails"] = s["passes"] + 1, 0
+                if not s["up"] and s["passes"] >= self.health["passes"]:
+                    s["up"] = True
+            else:
+                s["fails"], s["passes"] = s["fails"] + 1, 0
+                if s["up"] and s["fails"] >= self.health["fails"]:
+                    s["up"] = False
+        new = {}
+        for pool, p in self.pools.items():
+            bad = {a for a in p["servers"] if not self.state[(pool, a)]["up"]}
+            # never take out the whole decode pool: with nowhere to send,
+            # passive health and retries do better than an instant 502
+            if pool == "decode" and len(bad) == len(p["servers"]):
+                bad = set()
+            new[pool] = bad
+        changed = new != self.down
+        self.down = new
+        return changed
+
+    def apply(self) -> None:
+        text = render_upstreams(self.pools, self.down)
+        path = self.cfg["upstreams_path"]
+        tmp = f"{path}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+        try:
+            with open(self.cfg["pid_path"], encoding="ascii") as f:
+                pid = int(f.read().strip())
+            os.kill(pid, signal.SIGHUP)
+            with self.metrics.lock:
+                self.metrics.reloads += 1
+            sys.stderr.write(f"proxy-agent: pools changed, down={self._down_list()}; "
+                             f"reloaded nginx (pid {pid})\n")
+        except (OSError, ValueError) as e:
+            sys.stderr.write(f"proxy-agent: cannot reload nginx: {e}\n")
+
+    def _down_list(self) -> dict[str, list[str]]:
+        return {p: sorted(v) for p, v in self.down.items()}
+
+    def checker(self) -> None:
+        while not self.stop.is_set():
+            try:
+                if self.check_once():
+                    self.apply()
+            except Exception as e:  # keep probing whatever happens
+                sys.stderr.write(f"proxy-agent: health check error: {e!r}\n")
+            self.stop.wait(self.health["interval_s"])
+
+    # -------------------------------------------------------------- views
+    def health_view(self) -> dict:
+        now = time.time()
+        window = self.cfg["fail_timeout_s"]
+        pools = {}
+        m = self.metrics
+        with m.lock:
+            for pool, p in self.pools.items():
+                ups = []
+                for a in p["servers"]:
+                    s = self.state[(pool, a)]
+                    active_ok = s["up"] if self.health["enabled"] else True
+                    passive_bad = m.passive_failing(pool, a, now, window)
+                    ups.append({"upstream": a, "healthy": active_ok and not passive_bad,
+                                "active": ("off" if not self.health["enabled"] else
+                                           "unknown" if s["checked"] is None else
+                                           "up" if s["up"] else "down"),
+                                "recent_failure": passive_bad, "error": s["error"]})
+                pools[pool] = {"total": len(ups),
+                               "healthy": sum(1 for u in ups if u["healthy"]),
+                               "upstreams": ups}
+        degraded = any(v["healthy"] == 0 for v in pools.values())
+        return {"status": "degraded" if degraded else "ok", "proxy": "up", "agent": "up",
+                "pools": pools}
+
+    def metrics_text(self) -> str:
+        m = self.metrics
+        view = self.health_view()
+        out: list[str] = []
+
+        def head(name: str, typ: str, help_: str) -> None:
+            out.append(f"# HELP {name} {help_}")
+            out.append(f"# TYPE {name} {typ}")
+
+        with m.lock:
+            head("pd_proxy_requests_total", "counter", "Requests by route and status.")
+            for (route, status), n in sorted(m.requests.items()):
+                out.append(f"pd_proxy_requests_total{_labels({'route': route, 'status': status})}"
+                           f" {n}")
+            head("pd_proxy_pd_requests_total", "counter",
+                 "Completion requests by path taken: pd, decode_only (short prompt), "
+                 "fallback, prefill_error, error.")
+            for mode, n in sorted(m.modes.items()):
+                out.append(f"pd_proxy_pd_requests_total{_labels({'mode': mode})} {n}")
+            head("pd_proxy_request_duration_seconds", "histogram",
+                 "Total time per request, by route.")
+            for route, h in m.total.items():
+                out += h.lines("pd_proxy_request_duration_seconds", {"route": route})
+            head("pd_proxy_prefill_duration_seconds", "histogram",
+                 "Prefill leg, all attempts.")
+            out += m.prefill.lines("pd_proxy_prefill_duration_seconds", {})
+            head("pd_proxy_decode_first_byte_seconds", "histogram",
+                 "Decode leg: time to the decode engine's response header (first byte).")
+            out += m.decode_ttfb.lines("pd_proxy_decode_first_byte_seconds", {})
+            head("pd_proxy_decode_duration_seconds", "histogram",
+                 "Decode leg: time to the end of the decode response.")
+            out += m.decode.lines("pd_proxy_decode_duration_seconds", {})
+            head("pd_proxy_retries_total", "counter", "Upstream attempts beyond the first.")
+            for leg, n in m.retries.items():
+                out.append(f"pd_proxy_retries_total{_labels({'leg': leg})} {n}")
+            head("pd_proxy_fallbacks_total", "counter",
+                 "Requests served decode-only because every prefill attempt failed.")
+            out.append(f"pd_proxy_fallbacks_total {m.fallbacks}")
+            head("pd_proxy_prefill_skipped_total", "counter",
+                 "Requests sent straight to decode (prompt below min_prefill_chars).")
+            out.append(f"pd_proxy_prefill_skipped_total {m.skipped}")
+            head("pd_proxy_upstream_attempts_total", "counter", "Attempts per upstream.")
+            for (pool, a), n in sorted(m.attempts.items()):
+                out.append(f"pd_proxy_upstream_attempts_total"
+                           f"{_labels({'pool': pool, 'upstream': a})} {n}")
+            head("pd_proxy_upstream_failures_total", "counter",
+                 "Failed attempts per upstream (connect error, timeout or 5xx).")
+            for (pool, a), n in sorted(m.failures.items()):
+                out.append(f"pd_proxy_upstream_failures_total"
+                           f"{_labels({'pool': pool, 'upstream': a})} {n}")
+            head("pd_proxy_no_live_upstreams_total", "counter",
+                 "Requests that found no live upstream in a pool.")
+            for pool, n in m.no_live.items():
+                out.append(f"pd_proxy_no_live_upstreams_total{_labels({'pool': pool})} {n}")
+            head("pd_proxy_bytes_sent_total", "counter", "Bytes sent to clients.")
+            out.append(f"pd_proxy_bytes_sent_total {m.bytes_sent}")
+            head("pd_proxy_log_parse_errors_total", "counter",
+                 "Access log lines the agent could not parse.")
+            out.append(f"pd_proxy_log_parse_errors_total {m.parse_errors}")
+            head("pd_proxy_reloads_total", "counter",
+                 "nginx reloads made by active health checks.")
+            out.append(f"pd_proxy_reloads_total {m.reloads}")
+        head("pd_proxy_upstreams", "gauge", "Upstreams per pool.")
+        for pool, v in view["pools"].items():
+            out.append(f"pd_proxy_upstreams{_labels({'pool': pool})} {v['total']}")
+        head("pd_proxy_upstreams_healthy", "gauge",
+             "Upstreams per pool considered healthy (active probe and passive failures).")
+        for pool, v in view["pools"].items():
+            out.append(f"pd_proxy_upstreams_healthy{_labels({'pool': pool})} {v['healthy']}")
+        head("pd_proxy_upstream_healthy", "gauge", "1 if the upstream is considered healthy.")
+        for pool, v in view["pools"].items():
+            for u in v["upstreams"]:
+                out.append(f"pd_proxy_upstream_healthy"
+                           f"{_labels({'pool': pool, 'upstream': u['upstream']})} "
+                           f"{1 if u['healthy'] else 0}")
+        return "\n".join(out) + "\n"
+
+    # -------------------------------------------------------------- http
+    def serve(self) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        agent = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def _send(self, code: int, ctype: str, body: str) -> None:
+                data = body.encode()
+                self.send_response(code)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self) -> None:  # noqa: N802
+                path = self.path.split("?", 1)[0]
+                if path == "/metrics":
+                    self._send(200, "text/plain; version=0.0.4; charset=utf-8",
+                               agent.metrics_text())
+                elif path == "/health":
+                    self._send(200, "application/json", json.dumps(agent.health_view()))
+                else:
+                    self._send(404, "application/json",
+                               _error_json(404, "NotFoundError", "no such endpoint"))
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        host, _, port = self.cfg["listen"].rpartition(":")
+
+        class Server(ThreadingHTTPServer):
+            daemon_threads = True
+            allow_reuse_address = True
+            address_family = (__import__("socket").AF_INET6 if ":" in host
+                              else __import__("socket").AF_INET)
+
+        srv = Server((host.strip("[]"), int(port)), Handler)
+        self.server = srv
+        srv.serve_forever(poll_interval=0.5)
+
+    def run(self) -> int:
+        threads = [threading.Thread(target=self.tail, daemon=True, name="tail")]
+        if self.health["enabled"]:
+            threads.append(threading.Thread(target=self.checker, daemon=True, name="health"))
+        for t in threads:
+            t.start()
+
+        def on_term(signum: int, frame: Any) -> None:
+            self.stop.set()
+            threading.Thread(target=self.server.shutdown, daemon=True).start()
+
+        signal.signal(signal.SIGTERM, on_term)
+        signal.signal(signal.SIGINT, on_term)
+        sys.stderr.write(f"proxy-agent: serving {self.cfg['listen']}, tailing "
+                         f"{self.cfg['access_log']}\n")
+        self.serve()
+        return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if len(args) != 2 or args[0] != "agent":
+        sys.stderr.write("usage: python -m pd_launcher.proxy agent CONFIG.json\n")
+        return 2
+    with open(args[1], encoding="utf-8") as f:
+        cfg = json.load(f)
+    return Agent(cfg).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
