@@ -2,8 +2,9 @@
 //
 // nginx does connections, balancing, keepalive, retries and streaming; this
 // script only decides what each leg receives:
-//   1. prefill leg: r.subrequest() to the internal location /_pd_prefill<uri>
-//      (proxy_pass to the prefill pool, retried by nginx over distinct upstreams);
+//   1. prefill leg: the rewritten body goes into the js_var $pd_prefill_body and
+//      r.subrequest() goes to the internal location /_pd_prefill<uri>
+//      (proxy_pass + proxy_set_body, retried by nginx over distinct upstreams);
 //   2. decode leg: the body goes into the js_var $pd_decode_body and the request
 //      is internally redirected to @pd_decode (proxy_pass, proxy_set_body,
 //      proxy_buffering off), so decode bytes stream straight to the client.
@@ -206,8 +207,11 @@ async function completions(r) {
     var t0 = Date.now();
     var reply;
     try {
-        reply = await r.subrequest('/_pd_prefill' + r.uri,
-                                   {method: 'POST', body: prefillBody(req)});
+        // The body goes through a variable (proxy_set_body), not the
+        // subrequest's body option: njs 0.7.9 does not keep that buffer valid
+        // when nginx retries the subrequest on another upstream.
+        r.variables.pd_prefill_body = prefillBody(req);
+        reply = await r.subrequest('/_pd_prefill' + r.uri, {method: 'POST'});
     } catch (e) {
         r.variables.pd_prefill_time = String((Date.now() - t0) / 1000);
         return prefillFailed(r, raw, 'subrequest error: ' + e.message);

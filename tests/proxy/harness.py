@@ -100,7 +100,8 @@ class Backend:
 
         app = web.Application(client_max_size=64 << 20)
         app.router.add_route("*", "/{tail:.*}", self._handle)
-        self.runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        self.runner = web.AppRunner(app, access_log=None, handle_signals=False,
+                                    shutdown_timeout=0.2)
         await self.runner.setup()
         site = web.TCPSite(self.runner, self.host, self.port)
         await site.start()
@@ -206,8 +207,8 @@ class Backend:
                 delta = ({"index": 0, "delta": {"content": f"t{i} "}} if chat else
                          {"index": 0, "text": f"t{i} "})
                 ev = {"id": f"cmpl-{rid}", "object": "chunk", "choices": [delta]}
-                await resp.write(b"data: " + json.dumps(ev).encode() + b"\n\n")
                 self.chunk_times.append(time.monotonic())
+                await resp.write(b"data: " + json.dumps(ev).encode() + b"\n\n")
                 if i == 0 and self.gate is not None:
                     while not self.gate.is_set():
                         await asyncio.sleep(0.01)
@@ -325,9 +326,16 @@ class Proxy:
                 return lines
             time.sleep(0.05)
 
-    def pd_lines(self) -> list[dict]:
-        return [x for x in self.log_lines() if x["route"] in
-                ("/v1/completions", "/v1/chat/completions")]
+    def pd_lines(self, n: int, timeout: float = 5.0) -> list[dict]:
+        """Access log lines of completion requests; waits until there are n (a
+        line is written after the response went out)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            lines = [x for x in self.log_lines() if x["route"] in
+                     ("/v1/completions", "/v1/chat/completions")]
+            if len(lines) >= n or time.monotonic() > deadline:
+                return lines
+            time.sleep(0.02)
 
     def nginx_pids(self) -> list[int]:
         master = self.procs["proxy"].pid

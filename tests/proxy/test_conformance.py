@@ -219,7 +219,7 @@ def test_short_prompt_skips_prefill(backends, proxy_factory):
     st, _, _ = post(px.url + "/v1/chat/completions", long_chat)
     assert st == 200
     assert len(p.gen_requests()) == 1
-    lines = px.pd_lines()
+    lines = px.pd_lines(2)
     assert [x["mode"] for x in lines] == ["decode_only", "pd"]
 
 
