@@ -22,7 +22,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         sys.stderr.write(f"unknown command {args[0]!r}\n{USAGE}")
         return 2
     from .args import main_parse
-    from .runtime import serve, setup_logging
     from .settings import SettingsError, from_environ
 
     engine_args = main_parse(args[1:])
@@ -31,6 +30,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     except SettingsError as exc:
         sys.stderr.write(f"python -m pd_launcher.emulator serve: error: {exc}\n")
         return 2
+    from .runtime import serve, setup_logging  # aiohttp only once the argv is good
+
     setup_logging(engine_args)
     try:
         return asyncio.run(serve(engine_args, lat, faults))

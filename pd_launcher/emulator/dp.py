@@ -31,6 +31,11 @@ RETRY_S = 1.0
 LINE_LIMIT = 1 << 24
 
 
+def oserror(exc: OSError) -> str:
+    """'Connection refused' rather than asyncio's 'Connect call failed (...)'."""
+    return os.strerror(exc.errno) if exc.errno else str(exc)
+
+
 def _dump(msg: Dict[str, Any]) -> bytes:
     return json.dumps(msg, separators=(",", ":")).encode() + b"\n"
 
@@ -222,8 +227,8 @@ class DPWorker:
                 now = time.monotonic()
                 if now - last_log >= LOG_EVERY_S:
                     last_log = now
-                    log.info("ranks %s waiting for DP master at %s:%d: %s", self.ranks,
-                             self.address, self.port, exc.strerror or exc)
+                    log.info("ranks %s waiting for DP master at %s:%d: %s (retrying every "
+                             "%gs)", self.ranks, self.address, self.port, oserror(exc), RETRY_S)
                 await asyncio.sleep(RETRY_S)
                 continue
             try:

@@ -51,8 +51,7 @@ class RankEngine:
             self.store = BlockStore(lat.kv_lease_s, self._kv_changed)
         self.running = 0
         self.waiting: Deque[asyncio.Future] = deque()
-        metrics.running.set(self.lv, 0)
-        metrics.waiting.set(self.lv, 0)
+        metrics.init_rank(rank)
 
     # -- load, for DP routing -------------------------------------------------
     def load(self) -> int:

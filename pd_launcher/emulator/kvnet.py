@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import socket
 import struct
 import time
@@ -147,7 +148,7 @@ async def pull(params: Dict[str, Any], own_engine_id: str, model: str, key: str,
         raise KVError("timeout", f"connect to {host}:{port} timed out") from None
     except OSError as exc:
         raise KVError("connect_failed", f"cannot connect to KV listener {host}:{port}: "
-                      f"{exc.strerror or exc}") from None
+                      f"{os.strerror(exc.errno) if exc.errno else exc}") from None
     try:
         return await asyncio.wait_for(
             _exchange(reader, writer, params, engine_id, own_engine_id, model, key,

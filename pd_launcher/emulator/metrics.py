@@ -168,6 +168,14 @@ class Metrics:
                               "Requests answered with an HTTP error, by status.", L + ("status",))
         self.faults = Counter("pd_emu:injected_faults", "Faults injected, by kind.", ("kind",))
 
+    def init_rank(self, rank: int) -> None:
+        """Expose a rank's plain series at 0 before anything happened."""
+        lv = self.lv(rank)
+        for fam in (self.running, self.waiting, self.prompt_tokens, self.generation_tokens,
+                    self.kv_transfers, self.kv_recomputes, self.kv_bytes, self.prefills,
+                    self.aborts, self.kv_held_blocks, self.kv_held_bytes, self.kv_expired):
+            fam.values.setdefault(lv, 0.0)
+
     def lv(self, rank: int) -> LabelValues:
         return (self.model_name, str(rank))
 
