@@ -71,6 +71,25 @@ def read_cmdline(pid: int) -> Optional[List[str]]:
     return [p.decode("utf-8", "surrogateescape") for p in parts]
 
 
+def cmdline_after_exec(pid: int, timeout: float = 1.0) -> Optional[List[str]]:
+    """The command line of a process we just spawned.
+
+    Popen returns once execve() has replaced the child's memory, but the kernel sets
+    up the new argument area a moment later: until then /proc/PID/cmdline is empty.
+    """
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        cmd = read_cmdline(pid)
+        if cmd or cmd is None or time.monotonic() >= deadline:
+            return cmd or None
+        st = read_stat(pid)
+        if st is None or st.zombie:
+            return None
+        time.sleep(0.005)
+
+
 def pid_namespace() -> Optional[str]:
     """Identity of our PID namespace ("pid:[4026531836]"), None when unknown."""
     try:

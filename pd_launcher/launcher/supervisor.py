@@ -280,9 +280,9 @@ class Supervisor:
             out.close()
         pid = popen.pid
         start = procinfo.start_time(pid)
-        child = Child(proc=proc, popen=popen, pid=pid, start_time=start or 0,
-                      cmdline=procinfo.read_cmdline(pid) or list(proc.argv), log_path=log_path,
-                      started_at=time.time())
+        cmdline = procinfo.cmdline_after_exec(pid) or list(proc.argv)
+        child = Child(proc=proc, popen=popen, pid=pid, start_time=start or 0, cmdline=cmdline,
+                      log_path=log_path, started_at=time.time())
         self.log.info("started %s: pid %d, ports %s, log %s", proc.name, pid,
                       ", ".join(p.label() for p in proc.ports) or "-", log_path)
         return child
