@@ -385,6 +385,7 @@ def proxy_unit(proxy: dict, dirs: dict, *, nginx_bin: str = "nginx",
         "upstreams_path": upstreams_path,
         "pools": pools,
         "fail_timeout_s": opts["fail_timeout_s"],
+        "max_fails": opts["max_fails"],
         "health": {
             "enabled": opts["active_health"],
             "path": "/health",
@@ -508,7 +509,7 @@ class Metrics:
         self.attempts: dict[tuple[str, str], int] = {}
         self.failures: dict[tuple[str, str], int] = {}
         self.no_live: dict[str, int] = {"prefill": 0, "decode": 0}
-        self.last_failure: dict[tuple[str, str], float] = {}
+        self.recent_failures: dict[tuple[str, str], list[float]] = {}
         self.parse_errors = 0
         self.lines = 0
         self.reloads = 0
@@ -528,7 +529,7 @@ class Metrics:
                 # passive health as nginx sees it: prefill counts 5xx, decode
                 # only connect errors / timeouts (reported as 502 / 504)
                 if pool == "prefill" or code in (0, 502, 504):
-                    self.last_failure[k] = now
+                    self.recent_failures.setdefault(k, []).append(now)
 
     def add(self, rec: dict, now: float) -> None:
         route = rec.get("route") if rec.get("route") in ROUTES else "other"
@@ -566,9 +567,15 @@ class Metrics:
                 self._attempts("decode", _pairs(rec.get("decode_upstream", ""),
                                                 rec.get("decode_status", "")), now)
 
-    def passive_failing(self, pool: str, addr: str, now: float, window: float) -> bool:
-        t = self.last_failure.get((pool, addr))
-        return t is not None and now - t < window
+    def passive_failing(self, pool: str, addr: str, now: float, window: float,
+                        max_fails: int) -> bool:
+        """nginx's passive rule: max_fails failures within fail_timeout take a
+        peer out (max_fails 0: never)."""
+        if max_fails <= 0:
+            return False
+        ts = [t for t in self.recent_failures.get((pool, addr), ()) if now - t < window]
+        self.recent_failures[(pool, addr)] = ts
+        return len(ts) >= max_fails
 
 
 class Agent:
@@ -714,7 +721,8 @@ class Agent:
                 for a in p["servers"]:
                     s = self.state[(pool, a)]
                     active_ok = s["up"] if self.health["enabled"] else True
-                    passive_bad = m.passive_failing(pool, a, now, window)
+                    passive_bad = m.passive_failing(pool, a, now, window,
+                                                    self.cfg["max_fails"])
                     ups.append({"upstream": a, "healthy": active_ok and not passive_bad,
                                 "active": ("off" if not self.health["enabled"] else
                                            "unknown" if s["checked"] is None else

@@ -125,7 +125,9 @@ class Backend:
         raw = await request.read()
         rec = {"path": request.path, "method": request.method,
                "headers": {k.lower(): v for k, v in request.headers.items()},
-               "raw": raw, "t": time.monotonic()}
+               "raw": raw, "t": time.monotonic(),
+               "peer": request.transport.get_extra_info("peername") if request.transport
+               else None}
         try:
             rec["json"] = json.loads(raw) if raw else None
         except ValueError:
