@@ -4,7 +4,8 @@
 link of internal data parallel unchanged):
 
   {"t": "start"}                               a running slot was granted
-  {"t": "tok", "text": str}                    one generated token
+  {"t": "tok", "texts": [str, ...]}            generated tokens (one per inter-token
+                                               step; all at once when that step is 0)
   {"t": "end", "finish": "length", "n": int, "cached": int, "kv": {...},
    "kv_transfer_params": {...} | None}         done
   {"t": "error", "status": int, "message": str, "kv": {...}}
@@ -138,14 +139,19 @@ class RankEngine:
             else:
                 await self._prefill(job["prompt_tokens"])
                 first_wait = False
+            toks = textgen.tokens(job["model"], job["key"], 0, job["max_tokens"])
             n = 0
-            for tok in textgen.tokens(job["model"], job["key"], 0, job["max_tokens"]):
+            if self.lat.itl(self.running) <= 0:
+                # no inter-token time: every token is ready at once, deliver them together
+                n = len(toks)
+                yield {"t": "tok", "texts": toks}
+            for tok in toks[n:]:
                 if n or first_wait:
                     delay = self.lat.itl(self.running)
                     if delay > 0:
                         await asyncio.sleep(delay)
                 n += 1
-                yield {"t": "tok", "text": tok}
+                yield {"t": "tok", "texts": [tok]}
             end: Event = {"t": "end", "finish": "length", "n": n, "cached": cached,
                           "kv": kv_info, "kv_transfer_params": None}
             if mode == "prefill":

@@ -99,6 +99,18 @@ class Histogram(_Family):
         s[-2] += value
         s[-1] += 1
 
+    def observe_many(self, labels: LabelValues, value: float, times: int) -> None:
+        if times <= 0:
+            return
+        self.observe(labels, value)
+        if times > 1:
+            s = self.series[labels]
+            i = bisect.bisect_left(self.buckets, value)
+            if i < len(self.buckets):
+                s[i] += times - 1
+            s[-2] += value * (times - 1)
+            s[-1] += times - 1
+
     def count(self, labels: LabelValues) -> float:
         s = self.series.get(labels)
         return s[-1] if s else 0.0

@@ -1,6 +1,7 @@
 """OpenAI request validation and response bodies, shaped like vLLM's."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
@@ -186,3 +187,14 @@ def usage_chunk(p: Parsed, rid: str, created: int, n: int, cached: int) -> Dict[
             "object": "chat.completion.chunk" if p.chat else "text_completion",
             "created": created, "model": p.model, "choices": [],
             "usage": usage(p.prompt_tokens, n, cached)}
+
+
+_SENTINEL = "\u0001pd-emu-token\u0001"
+
+
+def chunk_template(p: Parsed, rid: str, created: int) -> tuple:
+    """(head, tail) bytes such that ``head + json_string(text) + tail`` is the JSON of a
+    token chunk; saves encoding the whole chunk for every token."""
+    enc = json.dumps(chunk(p, rid, created, _SENTINEL, None), separators=(",", ":"))
+    head, _, tail = enc.partition(json.dumps(_SENTINEL))
+    return head.encode(), tail.encode()

@@ -111,7 +111,7 @@ class Runtime:
         if api_sock is not None:
             api = Api(a, self.lat, self.faults, self.metrics, self.state, Router(self.handles))
             self.runner = web.AppRunner(api.app(), handler_cancellation=True, access_log=None,
-                                        shutdown_timeout=1.0)
+                                        shutdown_timeout=0.2)
             await self.runner.setup()
             self.site = web.SockSite(self.runner, api_sock)
             await self.site.start()

@@ -21,6 +21,7 @@ from .settings import Faults, Latency, SettingsError
 log = logging.getLogger("pd_emu.api")
 
 _dumps = json.JSONEncoder(separators=(",", ":")).encode
+_enc = json.encoder.encode_basestring_ascii  # type: ignore[attr-defined]
 _OPEN_PATHS = ("/health", "/metrics", "/version", "/ping")
 
 
@@ -226,7 +227,7 @@ class Api:
                        ev: Dict[str, Any]) -> web.Response:
         parts: List[str] = []
         while ev["t"] == "tok":
-            parts.append(ev["text"])
+            parts.extend(ev["texts"])
             ev = await run.next_event(agen)
         if ev["t"] == "error":
             run.finish_error(ev)
@@ -244,28 +245,35 @@ class Api:
         created = int(time.time())
         n = 0
 
-        async def send(obj: Dict[str, Any]) -> None:
+        def sse(obj: Dict[str, Any]) -> bytes:
             if p.continuous_usage and "usage" not in obj:
                 obj["usage"] = openai.usage(p.prompt_tokens, n)
-            await resp.write(b"data: " + _dumps(obj).encode() + b"\n\n")
+            return b"data: " + _dumps(obj).encode() + b"\n\n"
 
+        head, tail = openai.chunk_template(p, rid, created)
+        out: List[bytes] = []
         if p.chat:
-            await send(openai.chunk(p, rid, created, "", None, first=True))
+            out.append(sse(openai.chunk(p, rid, created, "", None, first=True)))
         while ev["t"] == "tok":
-            n += 1
-            await send(openai.chunk(p, rid, created, ev["text"], None))
+            for text in ev["texts"]:  # tokens of one step go out in one write
+                n += 1
+                if p.continuous_usage:
+                    out.append(sse(openai.chunk(p, rid, created, text, None)))
+                else:
+                    out.append(b"data: " + head + _enc(text).encode() + tail + b"\n\n")
+            await resp.write(b"".join(out))
+            out = []
             ev = await run.next_event(agen)
         if ev["t"] == "error":
             run.finish_error(ev)
-            err = openai.error_body(ev["status"], ev["message"])
-            await resp.write(b"data: " + _dumps(err).encode() + b"\n\n")
+            out.append(sse(openai.error_body(ev["status"], ev["message"])))
         else:
             run.finish(ev)
-            await send(openai.chunk(p, rid, created, None if p.chat else "", ev["finish"]))
+            out.append(sse(openai.chunk(p, rid, created, None if p.chat else "", ev["finish"])))
             if p.include_usage:
-                await resp.write(b"data: " + _dumps(openai.usage_chunk(
-                    p, rid, created, ev["n"], ev["cached"])).encode() + b"\n\n")
-        await resp.write(b"data: [DONE]\n\n")
+                out.append(sse(openai.usage_chunk(p, rid, created, ev["n"], ev["cached"])))
+        out.append(b"data: [DONE]\n\n")
+        await resp.write(b"".join(out))
         await resp.write_eof()
         return resp
 
@@ -289,12 +297,14 @@ class _Run:
                 continue
             if t == "tok":
                 now = time.monotonic()
+                k = len(ev["texts"])
                 if self.ntok == 0:
                     self.metrics.ttft.observe(self.lv, now - self.t0)
                 else:
                     self.metrics.itl.observe(self.lv, now - self.last_tok)
+                self.metrics.itl.observe_many(self.lv, 0.0, k - 1)  # same-step tokens
                 self.last_tok = now
-                self.ntok += 1
+                self.ntok += k
             return ev
 
     def _kv(self, info: Dict[str, Any]) -> None:

@@ -109,7 +109,7 @@ def test_sigterm_grace_period_bounds_a_hung_request(emu_factory):
     t0 = time.monotonic()
     e.proc.send_signal(15)
     assert e.wait_exit() == 0
-    assert time.monotonic() - t0 < 3
+    assert time.monotonic() - t0 < 6  # the default grace is 20 s
     assert "grace period over: aborting 1 requests" in e.log()
     t.join()
 
