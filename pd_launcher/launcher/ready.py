@@ -1,13 +1,16 @@
 """`wait SPEC --timeout S`: poll every process's readiness probe until all are ready.
 
 Probes (spec processes[].ready): ``http`` -> GET url (optional headers), ready on
-status 200; ``tcp`` -> a TCP connect succeeds; no probe -> ready at once. Proxies
-from the environment (http_proxy, ...) are ignored: probes go straight to the node.
+status 200; ``tcp`` -> a TCP connect succeeds; no probe -> ready once the state file
+lists it as running (at once when no state directory is known). Proxies from the
+environment (http_proxy, ...) are ignored: probes go straight to the node.
 
 Exit 0 when all are ready; 4 on timeout (prints the processes not ready, the last
 probe error and the tail of their logs); 1 early when the state file shows that the
 launcher has stopped or failed (checked only when --state-dir is given or the spec's
-state dir exists; a missing state file just means "not started yet").
+state dir exists; a missing state file just means "not started yet", and a state
+file older than the `wait` itself gets STALE_GRACE seconds to be replaced by a
+launcher that is just starting).
 """
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from typing import Dict, List, Optional, TextIO, Tuple
+from typing import Any, Dict, List, Optional, TextIO, Tuple
 
 from .common import EXIT_CHILD, EXIT_OK, EXIT_TIMEOUT, tail_lines
 from .logs import process_log_path
@@ -27,6 +30,7 @@ from .state import read_state
 from .stop import same_pid_namespace, verify_recorded
 
 LOG_TAIL = 20
+STALE_GRACE = 5.0
 
 
 def probe(ready: Optional[Ready], timeout: float = 2.0) -> Tuple[bool, str]:
@@ -55,8 +59,13 @@ def probe(ready: Optional[Ready], timeout: float = 2.0) -> Tuple[bool, str]:
     return False, f"GET {ready.url}: HTTP {code}"
 
 
-def launcher_gone(state_dir: Optional[str]) -> Optional[str]:
-    """A reason when the state file shows the launcher is not (or no longer) running."""
+def launcher_gone(state_dir: Optional[str], since: float = 0.0) -> Optional[str]:
+    """A reason when the state file shows the launcher is not (or no longer) running.
+
+    A state file last written before `since` (when `wait` started) may be left over
+    from an earlier run that a new launcher is about to replace; it only counts once
+    STALE_GRACE seconds have passed without a fresh one.
+    """
     if not state_dir:
         return None
     try:
@@ -65,12 +74,27 @@ def launcher_gone(state_dir: Optional[str]) -> Optional[str]:
         return None
     if state is None:
         return None
+    reason = _gone_reason(state)
+    if reason is None:
+        return None
+    try:
+        updated = float(state.get("updated_at") or 0.0)
+    except (TypeError, ValueError):
+        updated = 0.0
+    if updated < since and time.time() - since < STALE_GRACE:
+        return None
+    return reason
+
+
+def _gone_reason(state: Dict[str, Any]) -> Optional[str]:
     status = state.get("status")
     failure = state.get("failure")
     if status in ("failed", "stopping"):
         what = f"launcher status {status}"
-        if failure:
-            what += ": process {} exited ({})".format(failure.get("process"), failure.get("status"))
+        if failure and failure.get("process"):
+            what += f": process {failure.get('process')} exited ({failure.get('status')})"
+        elif failure:
+            what += f": {failure.get('error') or failure.get('status')}"
         return what
     if not same_pid_namespace(state):
         return None  # PIDs from a container's namespace cannot be checked from here
@@ -81,21 +105,49 @@ def launcher_gone(state_dir: Optional[str]) -> Optional[str]:
     return None
 
 
+def running_per_state(state_dir: Optional[str], name: str) -> Tuple[bool, str]:
+    """Readiness of a process without a probe: the launcher says it is running."""
+    if not state_dir:
+        return True, "no probe"
+    try:
+        state = read_state(state_dir)
+    except (OSError, ValueError):
+        state = None
+    if not state or state.get("status") != "running":
+        return False, "no probe; launcher not running yet"
+    for rec in state.get("processes") or []:
+        if rec.get("name") == name and rec.get("exit") is None:
+            if same_pid_namespace(state) and verify_recorded(rec)[0] != "ours":
+                return False, "no probe; recorded process is not running"
+            return True, "no probe, running"
+    return False, "no probe; not in the state file"
+
+
 def wait_ready(spec: NodeSpec, timeout: float, interval: float, log_dir: Optional[str],
                state_dir: Optional[str], out: TextIO = sys.stdout,
                err: TextIO = sys.stderr) -> int:
     start = time.monotonic()
+    since = time.time()
     deadline = start + timeout
     pending: Dict[str, Process] = {p.name: p for p in spec.processes}
     last: Dict[str, str] = {}
     workers = max(1, min(16, len(pending)))
     with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
         while True:
+            gone = launcher_gone(state_dir, since)
+            if gone:
+                names = ", ".join(sorted(pending))
+                err.write(f"pd-launcher wait: {gone}; not ready: {names}\n")
+                _tails(pending, log_dir, last, err)
+                return EXIT_CHILD
             probe_timeout = max(0.2, min(2.0, deadline - time.monotonic()))
             futures = {name: pool.submit(probe, p.ready, probe_timeout)
-                       for name, p in pending.items()}
-            for name, fut in futures.items():
-                ok, detail = fut.result()
+                       for name, p in pending.items() if p.ready is not None}
+            for name in list(pending):
+                if name in futures:
+                    ok, detail = futures[name].result()
+                else:
+                    ok, detail = running_per_state(state_dir, name)
                 last[name] = detail
                 if ok:
                     out.write(f"ready: {name} ({detail}) after {time.monotonic() - start:.1f}s\n")
@@ -104,12 +156,6 @@ def wait_ready(spec: NodeSpec, timeout: float, interval: float, log_dir: Optiona
             if not pending:
                 out.write(f"all {len(spec.processes)} process(es) ready\n")
                 return EXIT_OK
-            gone = launcher_gone(state_dir)
-            if gone:
-                names = ", ".join(sorted(pending))
-                err.write(f"pd-launcher wait: {gone}; not ready: {names}\n")
-                _tails(pending, log_dir, last, err)
-                return EXIT_CHILD
             now = time.monotonic()
             if now >= deadline:
                 break

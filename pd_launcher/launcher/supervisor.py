@@ -340,6 +340,8 @@ class Supervisor:
         except LauncherError as exc:
             self.log.error("%s", exc)
             code = exc.code
+            self.failure = {"process": None, "status": "start failed", "error": str(exc),
+                            "at": time.time()}
         if code == EXIT_OK and not self.stop_requests:
             self.status = "running"
             self.save_state()

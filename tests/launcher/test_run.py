@@ -220,6 +220,12 @@ def test_pre_start_failure_refuses_to_start(node):
     assert r.returncode == 3, r.stderr
     assert "pre_start[0]" in r.stderr and "config error on line 3" in r.stderr
     assert not marker.exists()
+    st = node.state()
+    assert st["status"] == "failed" and st["processes"] == []
+    assert "config error on line 3" in st["failure"]["error"]
+    # `wait` does not sit out its timeout for a node that failed to start
+    r = node.cli("wait", str(node.tmp / "spec.json"), "--timeout", "60")
+    assert r.returncode == 1 and "launcher status failed: pre_start[0]" in r.stderr
 
 
 def test_second_run_on_same_state_dir_is_refused(node):
