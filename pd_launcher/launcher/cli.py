@@ -238,5 +238,8 @@ def main(argv: List[str]) -> int:
         else:
             sys.stderr.write(f"pd-launcher {cmd}: {exc}\n")
         return exc.code
+    except OSError as exc:  # e.g. a log or state directory that cannot be created
+        sys.stderr.write(f"pd-launcher {cmd}: {exc}\n")
+        return EXIT_NODE
     except KeyboardInterrupt:
         return 130

@@ -145,7 +145,11 @@ class Supervisor:
         }
 
     def save_state(self) -> None:
-        write_state(self.state_dir, self.state_dict())
+        """Write the state file; a failure is logged, never fatal to a running set."""
+        try:
+            write_state(self.state_dir, self.state_dict())
+        except OSError as exc:
+            self.log.error("cannot write state file in %s: %s", self.state_dir, exc)
 
     # ---- locking (one launcher per state dir) -------------------------------------
     def acquire_lock(self) -> bool:
@@ -334,7 +338,12 @@ class Supervisor:
         self.save_state()
         code = EXIT_OK
         try:
-            self.write_files()
+            try:
+                if self.spec.dirs.get("run"):
+                    os.makedirs(self.spec.dirs["run"], exist_ok=True)
+                self.write_files()
+            except OSError as exc:
+                raise LauncherError(f"cannot write spec files: {exc}", EXIT_NODE) from exc
             self.run_pre_start()
             self.start_all()
         except LauncherError as exc:
