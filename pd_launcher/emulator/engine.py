@@ -144,7 +144,7 @@ class RankEngine:
             if self.lat.itl(self.running) <= 0:
                 # no inter-token time: every token is ready at once, deliver them together
                 n = len(toks)
-                yield {"t": "tok", "texts": toks}
+                yield {"t": "tok", "texts": toks, "last": True}  # "end" follows at once
             for tok in toks[n:]:
                 if n or first_wait:
                     delay = self.lat.itl(self.running)

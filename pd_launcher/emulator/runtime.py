@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import signal
 import socket
@@ -37,6 +38,18 @@ def bind(host: str, port: int, what: str, listen: bool = True) -> socket.socket:
     return sock
 
 
+def _runner_kwargs() -> Dict[str, Any]:
+    """AppRunner keyword arguments for the installed aiohttp. 3.9+ cancels a handler on
+    client disconnect only with handler_cancellation=True (3.8, Debian bookworm's, always
+    does); 3.10+ takes shutdown_timeout on the runner."""
+    kw: Dict[str, Any] = {}
+    if "handler_cancellation" in inspect.signature(web.Server.__init__).parameters:
+        kw["handler_cancellation"] = True
+    if "shutdown_timeout" in inspect.signature(web.BaseRunner.__init__).parameters:
+        kw["shutdown_timeout"] = 0.2
+    return kw
+
+
 def _tag(args: EngineArgs) -> str:
     ranks = args.ranks
     where = f"dp{ranks[0]}" if len(ranks) == 1 else f"dp{ranks[0]}-{ranks[-1]}"
@@ -70,7 +83,7 @@ class Runtime:
         self.master: Optional[DPMaster] = None
         self.worker: Optional[DPWorker] = None
         self.runner: Optional[web.AppRunner] = None
-        self.site: Optional[web.BaseSite] = None
+        self.api_server: Optional[asyncio.AbstractServer] = None
         self.tasks: List[asyncio.Task] = []
 
     # -- routing -----------------------------------------------------------------
@@ -110,11 +123,12 @@ class Runtime:
         self.state.on_ready.append(self._became_ready)
         if api_sock is not None:
             api = Api(a, self.lat, self.faults, self.metrics, self.state, Router(self.handles))
-            self.runner = web.AppRunner(api.app(), handler_cancellation=True, access_log=None,
-                                        shutdown_timeout=0.2)
+            self.runner = web.AppRunner(api.app(), access_log=None, **_runner_kwargs())
             await self.runner.setup()
-            self.site = web.SockSite(self.runner, api_sock)
-            await self.site.start()
+            # our own listener (not a Site): closing it stops new connections without
+            # touching in-flight ones, on every aiohttp version
+            self.api_server = await loop.create_server(self.runner.server, sock=api_sock,
+                                                       backlog=1024)
             log.info("API server on http://%s:%d (/health is 503 until ready)",
                      a.host or "0.0.0.0", a.port)
         else:
@@ -193,8 +207,8 @@ class Runtime:
         st.draining = True
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.lat.shutdown_grace_s
-        if self.site is not None:
-            await self.site.stop()  # no new connections
+        if self.api_server is not None:
+            self.api_server.close()  # no new connections
         if self.worker is not None:
             await self.worker.drain(deadline)
         if st.inflight:

@@ -166,7 +166,8 @@ class Api:
             resp = _json(exc.status, exc.body(), rid)
         finally:
             self.state.leave()
-        self._count_answer()
+        if resp.status != 499:  # not aborted by the client
+            self._count_answer()
         return resp
 
     def _count_answer(self) -> None:
@@ -205,7 +206,7 @@ class Api:
         job = {"request_id": rid, "model": p.model, "key": p.key,
                "prompt_tokens": p.prompt_tokens, "max_tokens": p.max_tokens,
                "kv_params": p.kv_params}
-        run = _Run(self.metrics, handle.rank, p, t0)
+        run = _Run(self.metrics, handle.rank, p, t0, request)
         agen = handle.execute(job)
         try:
             first = await run.next_event(agen)
@@ -217,9 +218,12 @@ class Api:
             return await self._collect(p, rid, agen, run, first)
         except QueueFull as exc:
             raise ApiError(503, str(exc)) from None
-        except (asyncio.CancelledError, ConnectionError):
+        except asyncio.CancelledError:  # client gone (aiohttp >= 3.9) or shutdown
             run.abort()
             raise
+        except ConnectionError:  # client gone, noticed by a write or between tokens
+            run.abort()
+            return web.Response(status=499)
         finally:
             await agen.aclose()
 
@@ -239,8 +243,8 @@ class Api:
 
     async def _stream(self, request: web.Request, p: Parsed, rid: str, agen: Any, run: _Run,
                       ev: Dict[str, Any]) -> web.StreamResponse:
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
-                                           "Cache-Control": "no-cache", "X-Request-Id": rid})
+        resp = _SSEResponse(headers={"Content-Type": "text/event-stream",
+                                     "Cache-Control": "no-cache", "X-Request-Id": rid})
         await resp.prepare(request)
         created = int(time.time())
         n = 0
@@ -261,8 +265,9 @@ class Api:
                     out.append(sse(openai.chunk(p, rid, created, text, None)))
                 else:
                     out.append(b"data: " + head + _enc(text).encode() + tail + b"\n\n")
-            await resp.write(b"".join(out))
-            out = []
+            if not ev.get("last"):  # more tokens will come later: send these now
+                await resp.write(b"".join(out))
+                out = []
             ev = await run.next_event(agen)
         if ev["t"] == "error":
             run.finish_error(ev)
@@ -273,18 +278,26 @@ class Api:
             if p.include_usage:
                 out.append(sse(openai.usage_chunk(p, rid, created, ev["n"], ev["cached"])))
         out.append(b"data: [DONE]\n\n")
-        await resp.write(b"".join(out))
-        await resp.write_eof()
+        await resp.write_eof(b"".join(out))
         return resp
+
+
+class _SSEResponse(web.StreamResponse):
+    """Headers go out with the first body bytes (aiohttp >= 3.10 honours this; older
+    versions send them at prepare()): one send for a whole zero-latency stream."""
+
+    _send_headers_immediately = False
 
 
 class _Run:
     """Per-request timing and metrics."""
 
-    __slots__ = ("metrics", "lv", "p", "t0", "last_tok", "ntok", "done")
+    __slots__ = ("metrics", "lv", "p", "t0", "last_tok", "ntok", "done", "request")
 
-    def __init__(self, metrics: Metrics, rank: int, p: Parsed, t0: float) -> None:
+    def __init__(self, metrics: Metrics, rank: int, p: Parsed, t0: float,
+                 request: web.Request) -> None:
         self.metrics, self.lv, self.p, self.t0 = metrics, metrics.lv(rank), p, t0
+        self.request = request
         self.last_tok = 0.0
         self.ntok = 0
         self.done = False
@@ -292,6 +305,9 @@ class _Run:
     async def next_event(self, agen: Any) -> Dict[str, Any]:
         while True:
             ev = await agen.__anext__()
+            tr = self.request.transport
+            if tr is None or tr.is_closing():
+                raise ConnectionResetError("client disconnected")
             t = ev["t"]
             if t == "start":
                 continue
