@@ -319,8 +319,9 @@ class Supervisor:
 
     def report_exit(self, child: Child) -> None:
         status = describe_status(child.status if child.status is not None else 0)
-        self.failure = {"process": child.proc.name, "pid": child.pid, "status": status,
-                        "at": time.time()}
+        if self.failure is None:  # the first one to exit is the cause
+            self.failure = {"process": child.proc.name, "pid": child.pid, "status": status,
+                            "at": time.time()}
         tail = tail_lines(child.log_path, LOG_TAIL)
         self.log.error("process %s (pid %d) exited: %s; last %d lines of %s:\n%s",
                        child.proc.name, child.pid, status, len(tail), child.log_path,
@@ -331,6 +332,11 @@ class Supervisor:
         self.install_signals()
         try:
             return self._run()
+        except BaseException:
+            # A bug must not leave the set running unsupervised.
+            self.log.exception("launcher error; stopping every process")
+            self.stop_children()
+            raise
         finally:
             self.restore_signals()
 

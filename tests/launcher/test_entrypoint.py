@@ -14,6 +14,8 @@ from pd_launcher.launcher import procinfo
 
 from .conftest import PY, TERM_MARKER, has_line, pid_alive, py_proc, wait_for
 
+pytestmark = pytest.mark.slow  # real child processes
+
 
 def _can_unshare() -> bool:
     if shutil.which("unshare") is None or os.geteuid() != 0:

@@ -12,8 +12,11 @@ from pd_launcher.launcher.stop import verify_recorded
 
 from .conftest import free_port, pid_alive
 
-pytestmark = pytest.mark.skipif(shutil.which("nginx") is None,
-                                reason="nginx is not installed (apt-get install nginx)")
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(shutil.which("nginx") is None,
+                       reason="nginx is not installed (apt-get install nginx)"),
+]
 
 CONF = """\
 pid {d}/nginx.pid;

@@ -19,6 +19,8 @@ from .conftest import (
     wait_for,
 )
 
+pytestmark = pytest.mark.slow  # real child processes
+
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_stop_signal_is_forwarded_and_exit_0(node, sig):

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import os
 
+import pytest
+
 from pd_launcher.launcher.state import write_state
 
 from .conftest import (
@@ -15,6 +17,8 @@ from .conftest import (
     py_proc,
     wait_for,
 )
+
+pytestmark = pytest.mark.slow  # real child processes
 
 
 def test_stop_without_state_is_idempotent(node):

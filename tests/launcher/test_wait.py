@@ -15,6 +15,8 @@ from pd_launcher.launcher.spec import Ready
 
 from .conftest import HTTP_SERVER, PY, free_port, py_env, py_proc
 
+pytestmark = pytest.mark.slow  # real child processes
+
 SLOW_TCP = (  # listens only after a delay, like a headless rank getting ready
     "import socket, sys, time\n"
     "time.sleep(1.0)\n"
