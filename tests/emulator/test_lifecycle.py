@@ -210,3 +210,22 @@ def test_idle_cpu_is_near_zero(emu_factory):
     rss_kb = int(next(line.split()[1] for line in open(f"/proc/{e.proc.pid}/status")
                       if line.startswith("VmRSS")))
     assert rss_kb < 100_000
+
+
+def test_waiting_queue_limit_answers_503(emu_factory):
+    e = start(emu_factory, "qlimit", "127.0.1.49",
+              env=dict(SLOW, PD_EMU_ITL_S="0.05", PD_EMU_MAX_WAITING="1"),
+              flags=["--max-num-seqs", "1"])
+    codes = []
+
+    def run():
+        codes.append(e.post("/v1/completions", {"prompt": "q", "max_tokens": 10})[0])
+
+    threads = [threading.Thread(target=run) for _ in range(3)]
+    for t in threads:
+        t.start()
+        time.sleep(0.1)
+    for t in threads:
+        t.join()
+    assert sorted(codes) == [200, 200, 503]
+    assert metric(e.metrics(), "pd_emu:request_errors_total", status="503") == 1
