@@ -410,7 +410,7 @@ def proxy_unit(proxy: dict, dirs: dict, *, nginx_bin: str = "nginx",
                 "name": "proxy",
                 "argv": [nginx_bin, "-p", run + "/", "-c", conf_path],
                 "env": {},
-                "ports": [{"host": _url_host(host) if host == "*" else host.strip("[]"),
+                "ports": [{"host": "0.0.0.0" if host == "*" else host.strip("[]"),
                            "port": port, "use": "proxy"}],
                 "ready": {"type": "http", "url": f"http://{url_host}:{port}/health"},
             },
@@ -591,7 +591,7 @@ class Agent:
                                "error": None}
                       for p, v in self.pools.items() for s in v["servers"]}
         self.down: dict[str, set] = {p: set() for p in self.pools}
-        self.started = time.time()
+        self.server = None
 
     # -------------------------------------------------------------- log tail
     def tail(self) -> None:
@@ -864,7 +864,10 @@ class Agent:
 
         def on_term(signum: int, frame: Any) -> None:
             self.stop.set()
-            threading.Thread(target=self.server.shutdown, daemon=True).start()
+            if self.server is not None:
+                threading.Thread(target=self.server.shutdown, daemon=True).start()
+            else:
+                raise SystemExit(0)
 
         signal.signal(signal.SIGTERM, on_term)
         signal.signal(signal.SIGINT, on_term)

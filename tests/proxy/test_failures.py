@@ -170,7 +170,8 @@ def test_decode_dropped_before_header_is_502_not_empty_200(backends, proxy_facto
     (p,), (d0, d1) = backends(1, 2)
     for d in (d0, d1):
         d.fault_always = {"kind": "drop"}
-    px = proxy_factory([p.addr], [d0.addr, d1.addr])
+    # max_fails=0: no passive health, so only the retry rule decides what is tried
+    px = proxy_factory([p.addr], [d0.addr, d1.addr], max_fails=0)
     for stream in (False, True):
         st, h, data = post(px.url + "/v1/completions", dict(BODY, stream=stream))
         assert st == 502, (st, data)
@@ -178,6 +179,7 @@ def test_decode_dropped_before_header_is_502_not_empty_200(backends, proxy_facto
         assert h["x-request-id"]
     # the request reached an engine: not retried elsewhere
     assert len(d0.gen_requests()) + len(d1.gen_requests()) == 2
+    assert [x["decode_retries"] for x in px.pd_lines(2)] == [0, 0]
 
 
 def test_decode_timeout_before_header(backends, proxy_factory):

@@ -70,6 +70,11 @@ def test_contract_shape(tmp_path):
     assert f"access_log {d['log']}/proxy_access.log pd_json;" in text
     assert "error_log stderr" in text
     assert "\nuser " not in text            # see docs/proxy.md: workers need no files
+    # decode locations stream (nginx in buffered mode may still hold bytes back)
+    for loc in ("location @pd_decode {", "location @pd_decode_usage {"):
+        block_text = text.split(loc, 1)[1].split("}", 1)[0]
+        assert "proxy_buffering off;" in block_text
+        assert "proxy_next_upstream error timeout;" in block_text   # never non_idempotent
     cfg = json.loads(fs["proxy_agent.json"]["content"])
     assert cfg["listen"] == "127.0.1.9:7001"
     assert cfg["pools"]["prefill"]["servers"] == BLOCK["prefill"]
