@@ -47,6 +47,7 @@ class _Peer:
         self.writer, self.ranks, self.who = writer, ranks, who
         self.pending: Dict[int, asyncio.Queue] = {}
         self.inflight: Dict[int, int] = {r: 0 for r in ranks}
+        self.leaving = False  # said "bye": a planned stop, not a failure
 
     def send(self, msg: Dict[str, Any]) -> None:
         if not self.writer.is_closing():
@@ -97,6 +98,7 @@ class DPMaster:
         self.server: Optional[asyncio.AbstractServer] = None
         self._waiter: Optional[asyncio.Task] = None
         self.complete = False
+        self._quiet = False
 
     async def start(self, sock: socket.socket) -> None:
         self.server = await asyncio.start_server(self._handle, sock=sock, limit=LINE_LIMIT)
@@ -119,7 +121,8 @@ class DPMaster:
                 p.send({"op": "ready"})
         else:
             missing = sorted(set(range(self.size)) - set(self.joined))
-            log.warning("DP group incomplete, missing ranks %s", missing)
+            (log.info if self._quiet else log.warning)(
+                "DP group incomplete, missing ranks %s", missing)
             for p in self.peers:
                 p.send({"op": "unready", "missing": missing})
         self.on_change(complete)
@@ -163,6 +166,8 @@ class DPMaster:
                     q = peer.pending.get(msg["id"])
                     if q is not None:
                         q.put_nowait(msg["ev"])
+                elif msg.get("op") == "bye":
+                    peer.leaving = True
         except (ConnectionError, ValueError, asyncio.IncompleteReadError):
             pass
         except asyncio.CancelledError:  # loop shutting down
@@ -187,7 +192,11 @@ class DPMaster:
         for r in peer.ranks:
             self.joined.pop(r, None)
             self.remote.pop(r, None)
-        log.warning("DP master: lost ranks %s (%s)", peer.ranks, peer.who)
+        if peer.leaving:
+            log.info("DP master: ranks %s (%s) left (shutting down)", peer.ranks, peer.who)
+        else:
+            log.warning("DP master: lost ranks %s (%s)", peer.ranks, peer.who)
+        self._quiet = peer.leaving
         for q in peer.pending.values():
             q.put_nowait({"t": "error", "status": 503, "kv": {},
                           "message": f"DP ranks {peer.ranks} ({peer.who}) went away"})
@@ -199,6 +208,7 @@ class DPMaster:
         if self.server is not None:
             self.server.close()
         for p in list(self.peers):
+            p.send({"op": "bye"})
             p.writer.close()
 
 
@@ -216,6 +226,7 @@ class DPWorker:
         self.writer: Optional[asyncio.StreamWriter] = None
         self.accepting = True
         self.refused = False
+        self.master_left = False
 
     async def run(self) -> None:
         last_log = 0.0
@@ -234,7 +245,9 @@ class DPWorker:
             try:
                 await self._session(reader, writer)
             except (ConnectionError, ValueError, asyncio.IncompleteReadError) as exc:
-                log.warning("DP link to %s:%d broke: %s", self.address, self.port, exc)
+                if not self.master_left:
+                    log.warning("DP link to %s:%d broke: %s", self.address, self.port, exc)
+                self.master_left = False
             finally:
                 writer.close()
                 self.writer = None
@@ -275,6 +288,9 @@ class DPWorker:
                 task = self.jobs.get(msg["id"])
                 if task is not None:
                     task.cancel()
+            elif op == "bye":
+                log.info("DP master %s:%d is shutting down", self.address, self.port)
+                self.master_left = True
         raise ConnectionError("DP master closed the connection")
 
     def _start_job(self, jid: int, rank: int, job: Dict[str, Any]) -> None:
@@ -301,6 +317,10 @@ class DPWorker:
     def _send(self, msg: Dict[str, Any]) -> None:
         if self.writer is not None and not self.writer.is_closing():
             self.writer.write(_dump(msg))
+
+    def leave(self) -> None:
+        """Tell the master this is a planned stop."""
+        self._send({"op": "bye"})
 
     async def drain(self, deadline: float) -> None:
         """Stop taking jobs and wait (until ``deadline``, loop time) for running ones."""

@@ -219,6 +219,8 @@ class Runtime:
                 log.warning("grace period over: aborting %d requests", st.inflight)
         if self.runner is not None:
             await self.runner.cleanup()
+        if self.worker is not None:
+            self.worker.leave()
         for task in self.tasks:
             task.cancel()
         for srv in self.kv_servers:
