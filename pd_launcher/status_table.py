@@ -38,7 +38,7 @@ def _label(container: Mapping[str, Any], key: str) -> str | None:
 def unit_row(host: str, role: str, spec: Mapping[str, Any], unit: Mapping[str, Any] | None,
              containers: list[dict[str, Any]], runtime: str) -> dict[str, str]:
     procs = (unit or {}).get("processes") or []
-    ranks = [r for p in procs for r in p.get("dp_ranks", [])]
+    ranks = [r for p in spec.get("processes", []) for r in p.get("dp_ranks", [])]
     ready = sum(1 for p in procs if p.get("ready"))
     if runtime == "container":
         mine = [c for c in containers if _label(c, "pd.role") == role]

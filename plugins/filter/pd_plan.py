@@ -18,9 +18,9 @@ if _REPO not in sys.path:
     sys.path.insert(0, _REPO)
 
 from pd_launcher.cli_plan import plan_document, public_document, render_text  # noqa: E402
-from pd_launcher.status_table import pd_status_table  # noqa: E402
 from pd_launcher.inventory import _plain  # noqa: E402
 from pd_launcher.settings import PlanInvalid  # noqa: E402
+from pd_launcher.status_table import pd_status_table  # noqa: E402
 from pd_launcher.topology import HOST_KEYS  # noqa: E402
 
 
@@ -53,6 +53,15 @@ def pd_cluster_summary(plan: dict[str, Any]) -> list[str]:
     return render_text(public_document(plan)).splitlines()[:64]
 
 
+def pd_spec_checks(spec: dict[str, Any]) -> dict[str, Any]:
+    """What preflight needs of a node spec, without argv, env or files (no secrets)."""
+    return {
+        "node": spec["node"], "role": spec["role"], "base_dir": spec.get("base_dir"),
+        "checks": spec.get("checks") or {},
+        "processes": [{"name": p["name"], "ports": p["ports"]} for p in spec["processes"]],
+    }
+
+
 def pd_cluster_plan(groups: Any, hostvars: Any) -> dict[str, Any]:
     try:
         return plan_document(*_inputs(groups, hostvars))
@@ -69,4 +78,5 @@ class FilterModule:
             "pd_cluster_errors": pd_cluster_errors,
             "pd_cluster_summary": pd_cluster_summary,
             "pd_status_table": pd_status_table,
+            "pd_spec_checks": pd_spec_checks,
         }

@@ -11,10 +11,13 @@ description:
     spec binds is free (ports held by this unit's own recorded processes count as
     free, so a re-run converges), and free disk space under the unit's base directory.
 options:
-  spec: {description: the node spec, type: dict, required: true}
+  spec: {description: the node spec (pd_spec_checks view, no secrets), type: dict, required: true}
   state_dir: {description: the unit's state directory, type: path, required: true}
   min_free_mb: {description: free space needed under the base directory, type: int, default: 512}
-  skip_commands: {description: do not look for the process commands (containers), type: bool, default: false}
+  skip_commands:
+    description: do not look for the process commands (they live in the image)
+    type: bool
+    default: false
 """
 
 import errno
@@ -64,7 +67,7 @@ def _port_busy(host: str, port: int) -> str | None:
 def main() -> None:
     module = AnsibleModule(
         argument_spec={
-            "spec": {"type": "dict", "required": True, "no_log": True},
+            "spec": {"type": "dict", "required": True},
             "state_dir": {"type": "path", "required": True},
             "min_free_mb": {"type": "int", "default": 512},
             "skip_commands": {"type": "bool", "default": False},
