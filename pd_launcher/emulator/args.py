@@ -45,7 +45,7 @@ _VALUE_FLAGS = {
     "--data-parallel-rpc-port": ("-dpp",),
     "--kv-transfer-config": (),
 }
-_BOOL_FLAGS = {"--headless": ()}
+_BOOL_FLAGS = {"--headless": (), "--help": ("-h",)}
 _KNOWN = {a: n for n, al in {**_VALUE_FLAGS, **_BOOL_FLAGS}.items() for a in (n,) + al}
 
 # vLLM switches that take no value and do not follow the --enable-/--disable-/--no- pattern.

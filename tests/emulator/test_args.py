@@ -179,3 +179,9 @@ def test_port_clashes_are_real(emu_factory):
     other = emu_factory("other-host", "127.0.1.62", api, ["--kv-transfer-config", cfg])
     other.wait_ready()
     assert first.health() == 200
+
+
+def test_help_is_not_swallowed_as_an_unknown_flag(capsys):
+    with pytest.raises(SystemExit) as exc:
+        A.parse(["--help"], env={})
+    assert exc.value.code == 0 and "--kv-transfer-config" in capsys.readouterr().out
