@@ -51,6 +51,9 @@ def _own_alive_ports(state_dir: str) -> set:
 def _port_busy(host: str, port: int) -> str | None:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
+    # as the servers themselves do: connections in TIME_WAIT from a previous run
+    # must not make a restart refuse; a listener still makes the bind fail
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
     except OSError as exc:

@@ -1,0 +1,175 @@
+"""Helpers to deploy an emulated cluster with the real playbooks and look at it."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+PLAYBOOK = str(BIN / "ansible-playbook")
+
+# The local inventory's shape (2 P instances, one over two nodes; D over two nodes; C).
+LAYOUT = {
+    "P": [("p1a", 1, None, "0"), ("p1b", 2, 1, "0"), ("p2", 3, None, "0,1")],
+    "D": [("d1a", 4, None, "0,1"), ("d1b", 5, 4, "0,1")],
+    "C": [("c1", 9, None, None)],
+}
+
+
+@dataclass
+class Cluster:
+    root: Path
+    subnet: str  # e.g. "127.0.3"
+    inventory: Path
+    hosts: dict[str, str] = field(default_factory=dict)  # host -> ip
+    env: dict[str, str] = field(default_factory=dict)
+
+    def playbook(self, name: str, *extra: str, check: bool = True,
+                 timeout: float = 400) -> subprocess.CompletedProcess:
+        res = subprocess.run([PLAYBOOK, "-i", str(self.inventory), name, *extra], cwd=REPO,
+                             capture_output=True, text=True, timeout=timeout,
+                             env=dict(os.environ, ANSIBLE_FORCE_COLOR="0", **self.env))
+        if check and res.returncode != 0:
+            raise AssertionError(f"{name} failed rc={res.returncode}\n{res.stdout[-6000:]}\n"
+                                 f"{res.stderr[-3000:]}")
+        return res
+
+    @property
+    def proxy(self) -> str:
+        return f"{self.hosts['c1']}:7000"
+
+    def state_files(self) -> list[Path]:
+        return sorted(self.root.glob("nodes/*/state/*/launcher.json"))
+
+    def recorded_pids(self) -> list[int]:
+        pids = []
+        for path in self.state_files():
+            state = json.loads(path.read_text())
+            pids.append(state["launcher"]["pid"])
+            pids += [p["pid"] for p in state["processes"]]
+        return pids
+
+    def listening(self) -> list[str]:
+        out = subprocess.run(["ss", "-ltnH"], capture_output=True, text=True).stdout
+        return [line.split()[3] for line in out.splitlines()
+                if line.split()[3].startswith(self.subnet + ".")]
+
+
+def make_cluster(root: Path, subnet: str, runtime: str = "process",
+                 connection: dict[str, Any] | None = None,
+                 extra_vars: dict[str, Any] | None = None) -> Cluster:
+    """Write an inventory like inventories/local but on SUBNET.x with nodes under ROOT."""
+    children: dict[str, Any] = {}
+    hosts: dict[str, str] = {}
+    for group, members in LAYOUT.items():
+        entries = {}
+        for name, last, master, devices in members:
+            ip = f"{subnet}.{last}"
+            hosts[name] = ip
+            entry: dict[str, Any] = {"ansible_host": ip}
+            if master:
+                entry["host_ip"] = f"{subnet}.{master}"
+            if devices:
+                entry["devices"] = devices
+            entries[name] = entry
+        children[group] = {"hosts": entries}
+    variables = {
+        "pd_cluster_name": f"t{subnet.split('.')[-1]}",
+        "pd_engine": "emulator",
+        "pd_emulate": "vllm-ascend",
+        "pd_model_path": "/models/demo",
+        "pd_served_model_name": "demo",
+        "pd_kv_port": 36000,
+        "pd_runtime": runtime,
+        "pd_grace_seconds": 5,
+        "pd_ready_timeout": 90,
+        "pd_base_dir": str(root / "nodes") + "/{{ inventory_hostname }}",
+        "pd_python": sys.executable,
+        "pd_bundle_dir": str(root / "bundle"),
+        "pd_logs_dest": str(root / "fetched-logs"),
+        "ansible_connection": "local",
+        "ansible_python_interpreter": sys.executable,
+    }
+    variables.update(connection or {})
+    variables.update(extra_vars or {})
+    inv = {"all": {"vars": variables, "children": children}}
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / "inventory.yml"
+    path.write_text(yaml.safe_dump(inv, sort_keys=False))
+    return Cluster(root=root, subnet=subnet, inventory=path, hosts=hosts)
+
+
+def recap(stdout: str) -> dict[str, dict[str, int]]:
+    out = {}
+    for line in stdout.split("PLAY RECAP")[-1].splitlines():
+        m = re.match(r"^(\S+)\s+:\s+(.*)$", line.strip())
+        if m:
+            out[m.group(1)] = {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", m.group(2))}
+    return out
+
+
+def status_rows(stdout: str) -> dict[str, list[str]]:
+    rows = {}
+    for line in stdout.splitlines():
+        line = line.strip().strip("-").strip().strip("'")
+        parts = line.split()
+        if len(parts) >= 6 and parts[1] in ("P", "D", "C"):
+            rows[f"{parts[0]}/{parts[1]}"] = parts
+    return rows
+
+
+def post(url: str, body: dict[str, Any], timeout: float = 30) -> tuple[int, dict, Any]:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
+        raw = resp.read()
+        return resp.status, dict(resp.headers), raw
+
+
+def stream(url: str, body: dict[str, Any]) -> list[dict[str, Any]]:
+    req = urllib.request.Request(url, data=json.dumps(dict(body, stream=True)).encode(),
+                                 headers={"Content-Type": "application/json"})
+    events = []
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        assert resp.status == 200
+        for raw in resp:
+            line = raw.decode().strip()
+            if line.startswith("data: "):
+                events.append(line[6:])
+    assert events[-1] == "[DONE]"
+    return [json.loads(e) for e in events[:-1]]
+
+
+def port_open(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), 0.5):
+            return True
+    except OSError:
+        return False
+
+
+def start_decoy(argv_like: list[str]) -> subprocess.Popen:
+    """A python process whose command line looks like one of ours, not started by us."""
+    code = "import time; time.sleep(600)"
+    return subprocess.Popen([sys.executable, "-c", code, *argv_like],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def wait_until(pred, timeout: float = 20, interval: float = 0.3) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if pred():
+            return True
+        time.sleep(interval)
+    return pred()

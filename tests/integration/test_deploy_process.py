@@ -1,0 +1,149 @@
+"""site -> requests -> site (changed=0) -> status -> kill -> status -> cleanup -> site, for real.
+
+Process runtime over a local connection and over SSH (a throwaway sshd on the node
+addresses). Each cluster is the local inventory's shape on its own loopback subnet.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import shutil
+
+import pytest
+
+from .deploy import (
+    Cluster,
+    make_cluster,
+    port_open,
+    post,
+    recap,
+    start_decoy,
+    status_rows,
+    stream,
+    wait_until,
+)
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(shutil.which("nginx") is None and not os.path.exists("/usr/sbin/nginx"),
+                       reason="nginx is not installed (make deps)"),
+]
+
+
+def full_cycle(cluster: Cluster) -> None:
+    decoy = start_decoy(["-m", "pd_launcher.emulator", "serve", "/models/demo",
+                         "--host", cluster.hosts["d1a"], "--port", "7100"])
+    try:
+        _cycle(cluster, decoy.pid)
+        assert decoy.poll() is None, "cleanup killed a process it did not start"
+    finally:
+        decoy.kill()
+        decoy.wait()
+        cluster.playbook("cleanup.yml", check=False)
+
+
+def _cycle(cluster: Cluster, decoy_pid: int) -> None:
+    first = cluster.playbook("site.yml")
+    assert "answered 200" in first.stdout  # the proxy role's smoke request
+
+    url = f"http://{cluster.proxy}/v1/completions"
+    body = {"model": "demo", "prompt": "The quick brown fox", "max_tokens": 12}
+    status, headers, raw = post(url, body)
+    assert status == 200 and b'"text"' in raw
+    assert headers.get("X-Request-Id")
+    events = stream(url, body)
+    assert len([e for e in events if e.get("choices")]) >= 12
+    chat = post(f"http://{cluster.proxy}/v1/chat/completions",
+                {"model": "demo", "messages": [{"role": "user", "content": "hi"}],
+                 "max_tokens": 5})
+    assert chat[0] == 200
+
+    again = cluster.playbook("site.yml")
+    changed = {h: r["changed"] for h, r in recap(again.stdout).items()}
+    assert set(changed.values()) == {0}, changed
+
+    rows = status_rows(cluster.playbook("status.yml").stdout)
+    assert len(rows) == 6, rows
+    for key, row in rows.items():
+        assert row[4] == "running", (key, row)
+        ready, total = row[5].split("/")
+        assert ready == total, (key, row)
+
+    # kill one engine process: its launcher stops the node's set and status says so
+    state = next(p for p in cluster.state_files() if "/d1b/" in str(p))
+    victim = __import__("json").loads(state.read_text())["processes"][0]["pid"]
+    os.kill(victim, signal.SIGKILL)
+    assert wait_until(lambda: not port_open(cluster.hosts["d1b"], 7100))
+    rows = status_rows(cluster.playbook("status.yml").stdout)
+    assert rows["d1b/D"][4] != "running", rows["d1b/D"]
+    assert rows["d1a/D"][4] == "running"
+
+    pids = cluster.recorded_pids()
+    cluster.playbook("cleanup.yml")
+    assert cluster.state_files() == []
+    assert wait_until(lambda: cluster.listening() == [], 10), cluster.listening()
+    for pid in pids:
+        assert not os.path.exists(f"/proc/{pid}") or _zombie(pid), pid
+    assert os.path.exists(f"/proc/{decoy_pid}")
+    logs = list(cluster.root.glob("nodes/*/logs/*/*.log"))
+    assert logs, "cleanup removed the logs without pd_cleanup_logs"
+    rerun = cluster.playbook("cleanup.yml")
+    assert {r["changed"] for r in recap(rerun.stdout).values()} == {0}
+
+    cluster.playbook("site.yml")
+    assert post(url, body)[0] == 200
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def test_process_runtime_local_connection(tmp_path):
+    full_cycle(make_cluster(tmp_path / "local", "127.0.3"))
+
+
+def test_process_runtime_over_ssh(tmp_path):
+    sshd_mod = pytest.importorskip("tests.fixtures.sshd")
+    if not os.path.exists(sshd_mod.SSHD):
+        pytest.skip("openssh-server is not installed (make deps)")
+    addrs = [f"127.0.4.{i}" for i in (1, 2, 3, 4, 5, 9)]
+    sshd = sshd_mod.start_sshd(tmp_path / "sshd", port=2222, addrs=addrs)
+    try:
+        conn = sshd.ansible_vars()
+        cluster = make_cluster(tmp_path / "ssh", "127.0.4", connection=conn)
+        full_cycle(cluster)
+        assert "ansible_connection" in cluster.inventory.read_text()
+    finally:
+        sshd.stop()
+
+
+def test_cleanup_logs_and_check_mode(tmp_path):
+    cluster = make_cluster(tmp_path / "c", "127.0.5")
+    dry = cluster.playbook("site.yml", "--check", "--diff")
+    assert cluster.state_files() == [] and cluster.listening() == []
+    assert not (cluster.root / "nodes").exists() or not list(
+        (cluster.root / "nodes").glob("*/run/*/spec.json"))
+    assert "changed=" in dry.stdout
+    cluster.playbook("site.yml")
+    try:
+        cluster.playbook("cleanup.yml", "-e", "pd_cleanup_logs=true")
+        assert list(cluster.root.glob("nodes/*/logs/*/*.log")) == []
+    finally:
+        cluster.playbook("cleanup.yml", check=False)
+
+
+def test_logs_playbook_fetches_one_folder_per_node(tmp_path):
+    cluster = make_cluster(tmp_path / "l", "127.0.6")
+    cluster.playbook("site.yml")
+    try:
+        cluster.playbook("logs.yml")
+        fetched = cluster.root / "fetched-logs"
+        assert sorted(p.name for p in fetched.iterdir()) == sorted(cluster.hosts)
+        assert list((fetched / "d1a" / "D").glob("engine-dp*.log"))
+        assert list((fetched / "c1" / "C").glob("*.log"))
+    finally:
+        cluster.playbook("cleanup.yml", check=False)
