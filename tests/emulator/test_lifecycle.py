@@ -27,8 +27,8 @@ def test_streaming_chunks_arrive_incrementally(emu_factory):
                          {"prompt": "tick tock", "max_tokens": 6, "stream": True})
     arrivals = [t - t0 for t, d in events if d != "[DONE]"]
     assert status == 200 and len(arrivals) == 7  # 6 tokens + the finish chunk
-    gaps = [b - a for a, b in zip(arrivals, arrivals[1:5])]
-    assert all(g >= 0.08 for g in gaps), gaps  # not buffered until the end
+    gaps = sorted(b - a for a, b in zip(arrivals, arrivals[1:6]))
+    assert gaps[2] >= 0.08, gaps  # median gap ~ ITL: not buffered until the end
     assert arrivals[5] - arrivals[0] >= 0.5
     m = e.metrics()
     assert metric(m, "vllm:inter_token_latency_seconds_sum") >= 0.5
@@ -41,7 +41,7 @@ def test_max_num_seqs_queues_the_rest(emu_factory):
 
     def run(i):
         t = time.monotonic()
-        results[i] = (e.post("/v1/completions", {"prompt": "q", "max_tokens": 10})[0],
+        results[i] = (e.post("/v1/completions", {"prompt": "q", "max_tokens": 20})[0],
                       time.monotonic() - t)
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
@@ -54,7 +54,7 @@ def test_max_num_seqs_queues_the_rest(emu_factory):
     for t in threads:
         t.join()
     assert [r[0] for r in results.values()] == [200, 200]
-    assert max(r[1] for r in results.values()) >= 0.85  # the second waited for the first
+    assert max(r[1] for r in results.values()) >= 1.9  # the second waited for the first
     m = e.metrics()
     assert metric(m, "vllm:num_requests_running") == 0
     assert metric(m, "vllm:num_requests_waiting") == 0
@@ -69,23 +69,22 @@ def test_sigterm_lets_in_flight_stream_finish_then_exits_0(emu_factory):
     held = e.post("/v1/completions", {"prompt": "hold my KV please", "max_tokens": 1,
                                       "kv_transfer_params": {"do_remote_decode": True}})[2]
     assert held["kv_transfer_params"]["remote_block_ids"]
-    out = {}
-
-    def stream():
-        out["r"] = sse(host, e.port, "/v1/completions",
-                       {"prompt": "long", "max_tokens": 10, "stream": True})
-
-    t = threading.Thread(target=stream)
-    t.start()
-    time.sleep(0.3)
+    s = _raw_stream(host, e.port, {"prompt": "long", "max_tokens": 10, "stream": True})
+    buf = b""
+    while b"data: " not in buf:  # the stream is under way
+        buf += s.recv(65536)
     e.proc.send_signal(15)
     e.wait_log("received SIGTERM: draining")
     time.sleep(0.1)
     with pytest.raises(OSError):  # no new connections while draining
         request(host, e.port, "GET", "/health", timeout=1)
-    t.join(10)
-    status, events = out["r"]
-    assert status == 200 and events[-1][1] == "[DONE]" and len(events) == 12
+    s.settimeout(10)
+    while b"data: [DONE]" not in buf:
+        chunk = s.recv(65536)
+        assert chunk, buf
+        buf += chunk
+    s.close()
+    assert buf.startswith(b"HTTP/1.1 200") and buf.count(b"data: ") == 12
     assert e.wait_exit() == 0
     log = e.log()
     assert "freed 1 held KV blocks" in log and "stopped (exit 0)" in log
