@@ -61,9 +61,11 @@ class Cluster:
         return pids
 
     def listening(self) -> list[str]:
+        """Listening sockets on the cluster's addresses, except the test's own sshd."""
         out = subprocess.run(["ss", "-ltnH"], capture_output=True, text=True).stdout
         return [line.split()[3] for line in out.splitlines()
-                if line.split()[3].startswith(self.subnet + ".")]
+                if line.split()[3].startswith(self.subnet + ".")
+                and not line.split()[3].endswith(":2222")]
 
 
 def make_cluster(root: Path, subnet: str, runtime: str = "process",
