@@ -112,6 +112,7 @@ async def measure(pid: int, port: int, stream: bool, conc: int,
 
 
 def run(duration: float, repeat: int) -> Dict[str, Any]:
+    load_before = os.getloadavg()[0]
     port = free_port(HOST)
     env = dict(os.environ, PYTHONPATH=str(ROOT), PD_EMU_ZERO_LATENCY="1")
     proc = subprocess.Popen(
@@ -151,7 +152,8 @@ def run(duration: float, repeat: int) -> Dict[str, Any]:
     return {"machine": f"{platform.machine()}, {os.cpu_count()} cores, Python "
                        f"{platform.python_version()}",
             "date": time.strftime("%Y-%m-%d"), "tokens": TOKENS, "duration_s": duration,
-            "repeat": repeat, "rows": rows}
+            "repeat": repeat, "rows": rows,
+            "load_avg": [round(load_before, 1), round(os.getloadavg()[0], 1)]}
 
 
 def readme_section(res: Dict[str, Any]) -> str:
@@ -164,7 +166,10 @@ def readme_section(res: Dict[str, Any]) -> str:
         f"`/v1/completions` with {res['tokens']} output tokens, keep-alive connections from one",
         "client process (`bench/emulator/run.py`, a raw asyncio HTTP/1.1 client);",
         f"{res['machine']}; {res['duration_s']:g} s per point, best of {res['repeat']} "
-        f"sweep(s); {res['date']}. CPU columns: share of one core during the timed window.",
+        f"sweep(s); {res['date']}.",
+        f"1-minute load average {res['load_avg'][0]:g} before, {res['load_avg'][1]:g} after "
+        "(other jobs shared the machine).",
+        "CPU columns: share of one core during the timed window.",
         "",
         "| mode | concurrency | req/s | tokens/s | mean ms | p99 ms | emulator CPU "
         "| client CPU | emulator CPU ms/req |",
