@@ -65,7 +65,8 @@ DEFAULTS: dict[str, Any] = {
     "worker_processes": 1,
     # extensions
     "upstream_keepalive_timeout_s": 4,   # below uvicorn's 5 s idle close (vLLM default)
-    "prefill_response_buffer": "256k",   # largest prefill response held in memory
+    "prefill_response_buffer": None,     # largest prefill response held in memory;
+                                         # default max(16m, 2 x max_body_size)
     "worker_connections": 8192,
     "user": None,                        # nginx `user` (only meaningful when run as root)
     "njs_module": None,                  # path of ngx_http_js_module.so; "" = built in
@@ -170,6 +171,12 @@ def options_of(proxy: dict) -> dict[str, Any]:
     if not isinstance(o["active_health"], bool):
         raise ProxyConfigError("proxy.options.active_health: expected true/false")
     o["max_body_size"] = _size(o, "max_body_size")
+    if o["prefill_response_buffer"] is None:
+        # nginx allocates it when a prefill response arrives and only touches what
+        # the response fills; a response that does not fit ends the client's
+        # connection (see docs/proxy.md), so the default is generous
+        kib = max(16 << 10, (2 * _size_bytes(o["max_body_size"])) >> 10)
+        o["prefill_response_buffer"] = f"{kib}k"
     o["prefill_response_buffer"] = _size(o, "prefill_response_buffer")
     o["api_key"] = _key(o, "api_key")
     o["engine_api_key"] = _key(o, "engine_api_key")

@@ -292,3 +292,36 @@ def test_api_key(strict):
     assert "sk-test" not in json.dumps({k: v for k, v in px.unit.items() if k != "files"})
     for f in px.unit["files"][1:]:
         assert "sk-test" not in f["content"] and "engine-key" not in f["content"]
+
+
+def test_large_prefill_response_fits_by_default(backends, proxy_factory):
+    """kv_transfer_params with many blocks (or echo / prompt logprobs) make big
+    prefill responses: the default buffer is max(16m, 2 x max_body_size)."""
+    (p,), (d,) = backends(1, 1)
+    kvp = {"do_remote_prefill": True, "remote_block_ids": list(range(300000)),
+           "remote_engine_id": "e", "remote_host": "h", "remote_port": 1}
+    big = json.dumps({"choices": [], "kv_transfer_params": kvp}).encode()
+    assert len(big) > 2 << 20
+    p.fault_always = {"kind": "status", "status": 200, "body": big}
+    px = proxy_factory([p.addr], [d.addr])
+    st, _, data = post(px.url + "/v1/completions", BODY)
+    assert st == 200, data
+    (dreq,) = d.gen_requests()
+    assert dreq["json"]["kv_transfer_params"] == kvp
+
+
+def test_prefill_response_over_buffer_limit(backends, proxy_factory):
+    """Known limit (docs/proxy.md): nginx ends the client connection when a prefill
+    response exceeds prefill_response_buffer; njs cannot catch it. The proxy keeps
+    serving and the access log line stays valid JSON."""
+    import http.client
+
+    (p,), (d,) = backends(1, 1)
+    big = json.dumps({"kv_transfer_params": {"remote_block_ids": list(range(3000))}})
+    p.faults = [{"kind": "status", "status": 200, "body": big.encode()}]
+    px = proxy_factory([p.addr], [d.addr], prefill_response_buffer="4k")
+    with pytest.raises((http.client.RemoteDisconnected, ConnectionError)):
+        post(px.url + "/v1/completions", BODY)
+    assert post(px.url + "/v1/completions", BODY)[0] == 200
+    first, second = px.pd_lines(2)
+    assert first["status"] == 0 and second["status"] == 200

@@ -70,7 +70,7 @@ def test_metrics_health_and_access_log(backends, proxy_factory):
     assert len(ok) == 7
     for x in ok:
         assert x["request_id"] and x["decode_upstream"].endswith(d.addr)
-        assert x["total_time"] >= x["decode_time"] >= 0
+        assert x["total_time"] + 0.002 >= x["decode_time"] >= 0   # ms clocks, rounded
         assert x["decode_ttfb"] is not None and x["bytes_sent"] > 0
         assert x["retries"] == x["prefill_retries"] + x["decode_retries"]
         assert x["mode"] in ("pd", "fallback")
@@ -83,14 +83,16 @@ def test_metrics_health_and_access_log(backends, proxy_factory):
     assert decode_retries >= 3          # every other request met the dead peer first
 
     # ---------------------------------------------------------- metrics
+    def route_of(path):
+        return path if path.startswith("/v1/") else "other"
+
     def settled(m):
-        return sum(v for (name, lab), v in m.items() if name == "pd_proxy_requests_total"
-                   and dict(lab)["route"] not in ("/health", "/metrics")) >= sum(seen.values())
+        # readiness polls of /health/agent are "other" too: wait for the last call
+        return metric(m, "pd_proxy_requests_total", route="/v1/models", status="200") >= 1
 
     m = scrape(px, settled)
     for (path, st), n in seen.items():
-        route = path if path.startswith("/v1/") else "other"
-        assert metric(m, "pd_proxy_requests_total", route=route, status=str(st)) == n, \
+        assert metric(m, "pd_proxy_requests_total", route=route_of(path), status=str(st)) == n, \
             (path, st)
     assert metric(m, "pd_proxy_fallbacks_total") == 1
     assert metric(m, "pd_proxy_retries_total", leg="decode") == decode_retries
