@@ -32,11 +32,21 @@ image_id_of() {  # docker-archive -> image ID (sha256 of the config blob)
         'import json,sys; print("sha256:" + json.load(sys.stdin)[0]["Config"].split(".")[0].split("/")[-1])'
 }
 
-if [ -s "$out" ] && [ "$out" -nt "$self" ] && [ -z "${PD_TEST_IMAGE_REBUILD:-}" ]; then
+up_to_date() { [ -s "$out" ] && [ "$out" -nt "$self" ] && [ -z "${PD_TEST_IMAGE_REBUILD:-}" ]; }
+if up_to_date; then
     log "up to date: $out ($(image_id_of "$out"))"
     exit 0
 fi
 [ "$(id -u)" = 0 ] || { log "must run as root (debootstrap, rootful podman)"; exit 1; }
+# Concurrent callers (parallel test sessions): one builds, the others wait and reuse.
+mkdir -p "$(dirname "$(readlink -f "$out")")"
+touch "$out.lock"     # mtime = when we started waiting
+exec 9>>"$out.lock"
+flock 9
+if [ -s "$out" ] && [ "$out" -nt "$self" ] && [ "$out" -nt "$out.lock" ]; then
+    log "built by a concurrent run: $out ($(image_id_of "$out"))"
+    exit 0
+fi
 for c in debootstrap podman tar python3; do
     command -v "$c" >/dev/null || { log "missing $c: run .ci/setup-podman.sh"; exit 1; }
 done
@@ -70,7 +80,7 @@ find_mirror() {
 mirror=${PD_DEBIAN_MIRROR:-$(find_mirror)}
 
 start=$(date +%s)
-mkdir -p "$(dirname "$(readlink -f "$out")")" "$cache"
+mkdir -p "$cache"
 work=$(mktemp -d "${TMPDIR:-/var/tmp}/pd-test-image.XXXXXX")
 export CONTAINERS_CONF="$repo/tests/fixtures/containers.conf"
 export CONTAINERS_STORAGE_CONF="$repo/tests/fixtures/storage.conf"
@@ -80,6 +90,7 @@ cleanup() {
     podman "${bstore[@]}" rm -af >/dev/null 2>&1 || true
     podman "${vstore[@]}" rm -af >/dev/null 2>&1 || true
     rm -rf "$work"
+    [ -z "${tmp_out:-}" ] || rm -f "$tmp_out"
 }
 trap cleanup EXIT
 
@@ -124,13 +135,14 @@ podman "${bstore[@]}" import -q \
     --change "LABEL pd.test-image.script=$script_sum" \
     "$work/rootfs.tar" "$image" >/dev/null
 id=$(podman "${bstore[@]}" image inspect --format '{{.Id}}' "$image")
-rm -f "$out.tmp"
-podman "${bstore[@]}" save -q --format docker-archive -o "$out.tmp" "$image"
+tmp_out="$out.tmp.$$"
+rm -f "$tmp_out"
+podman "${bstore[@]}" save -q --format docker-archive -o "$tmp_out" "$image"
 
 # Verify from the tarball, in a second store: same ID, tools present, launcher runs.
-podman "${vstore[@]}" load -q -i "$out.tmp" >/dev/null
+podman "${vstore[@]}" load -q -i "$tmp_out" >/dev/null
 vid=$(podman "${vstore[@]}" image inspect --format '{{.Id}}' "$image")
-tid=$(image_id_of "$out.tmp")
+tid=$(image_id_of "$tmp_out")
 if [ "$vid" != "$id" ] || [ "sha256:$id" != "$tid" ]; then
     log "image ID mismatch: built $id, loaded $vid, manifest $tid"
     exit 1
@@ -143,6 +155,7 @@ podman "${vstore[@]}" run --rm --network host \
         test -f /etc/nginx/modules-enabled/50-mod-http-js.conf
         python3 -m pd_launcher --help >/dev/null
         echo "njs module ok, pd_launcher ok"' >&2
-mv -f "$out.tmp" "$out"
+mv -f "$tmp_out" "$out"
+flock -u 9   # waiters may go now (children such as conmon may still hold fd 9)
 log "wrote $out: $image $id, $(du -m "$out" | cut -f1) MB," \
     "debootstrap ${t_boot}s, total $(($(date +%s) - start))s"
