@@ -5,7 +5,7 @@ set -euo pipefail
 what=${1:-test}
 pkgs=(nginx libnginx-mod-http-js iproute2 procps curl)
 if [ "$what" = test ]; then
-  pkgs+=(openssh-server openssh-client podman runc debootstrap uidmap)
+  pkgs+=(openssh-server openssh-client podman runc catatonit debootstrap uidmap tar)
 fi
 missing=()
 for p in "${pkgs[@]}"; do

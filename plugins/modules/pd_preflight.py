@@ -13,11 +13,31 @@ description:
 options:
   spec: {description: the node spec (pd_spec_checks view, no secrets), type: dict, required: true}
   state_dir: {description: the unit's state directory, type: path, required: true}
+  python: {description: the node Python that runs the launcher (must be >= 3.9), type: str}
   min_free_mb: {description: free space needed under the base directory, type: int, default: 512}
   skip_commands:
     description: do not look for the process commands (they live in the image)
     type: bool
     default: false
+  skip_paths:
+    description: do not look for the spec's checks.paths (the proxy's live in its image)
+    type: bool
+    default: false
+  extra_paths:
+    description: more host paths that must exist (e.g. driver files a container mounts)
+    type: list
+    elements: str
+    default: []
+  container_cli:
+    description:
+      - the container CLI with its global arguments (e.g. [podman, --root, DIR]) when
+        the unit runs in a container; then ports recorded in the unit's state file count
+        as free while the container named O(container_name) runs with labels
+        O(container_labels) (so a re-run converges)
+    type: list
+    elements: str
+  container_name: {description: the unit's container name, type: str}
+  container_labels: {description: labels the unit's container must carry, type: dict, default: {}}
 """
 
 import errno
@@ -48,6 +68,35 @@ def _own_alive_ports(state_dir: str) -> set:
     return owned
 
 
+def _state_ports(state_dir: str) -> set:
+    try:
+        with open(os.path.join(state_dir, "launcher.json")) as f:
+            state = json.load(f)
+    except (OSError, ValueError):
+        return set()
+    return {(p["host"], int(p["port"])) for proc in state.get("processes", [])
+            for p in proc.get("ports", [])}
+
+
+def _own_container_ports(module: AnsibleModule, state_dir: str) -> set:
+    """Ports of our own unit container: it runs, and its labels are the unit's."""
+    p = module.params
+    rc, out, _ = module.run_command(list(p["container_cli"]) + ["container", "inspect",
+                                                                p["container_name"]])
+    if rc != 0:
+        return set()
+    try:
+        info = json.loads(out)[0]
+    except (ValueError, IndexError, KeyError):
+        return set()
+    status = str((info.get("State") or {}).get("Status") or "").lower()
+    labels = (info.get("Config") or {}).get("Labels") or {}
+    wanted = p["container_labels"] or {}
+    if status != "running" or any(labels.get(k) != str(v) for k, v in wanted.items()):
+        return set()
+    return _state_ports(state_dir)
+
+
 def _port_busy(host: str, port: int) -> str | None:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -73,16 +122,27 @@ def main() -> None:
             "spec": {"type": "dict", "required": True},
             "state_dir": {"type": "path", "required": True},
             "min_free_mb": {"type": "int", "default": 512},
+            "python": {"type": "str"},
             "skip_commands": {"type": "bool", "default": False},
+            "skip_paths": {"type": "bool", "default": False},
+            "extra_paths": {"type": "list", "elements": "str", "default": []},
+            "container_cli": {"type": "list", "elements": "str"},
+            "container_name": {"type": "str"},
+            "container_labels": {"type": "dict", "default": {}},
         },
+        required_together=[["container_cli", "container_name"]],
         supports_check_mode=True,
     )
     spec = module.params["spec"]
     checks = spec.get("checks") or {}
     errors = []
-    for path in checks.get("paths", []):
+    if not module.params["skip_paths"]:
+        for path in checks.get("paths", []):
+            if not os.path.exists(path):
+                errors.append(f"model path {path} does not exist")
+    for path in module.params["extra_paths"]:
         if not os.path.exists(path):
-            errors.append(f"model path {path} does not exist")
+            errors.append(f"{path} does not exist")
     for dev in checks.get("devices", []):
         if not os.path.exists(dev):
             errors.append(f"device {dev} does not exist")
@@ -90,7 +150,16 @@ def main() -> None:
         for cmd in checks.get("commands", []):
             if not (os.path.isabs(cmd) and os.access(cmd, os.X_OK)) and not shutil.which(cmd):
                 errors.append(f"command {cmd} not found")
-    owned = _own_alive_ports(module.params["state_dir"])
+    if module.params["python"]:
+        rc, out, err = module.run_command(
+            [module.params["python"], "-c", "import sys; print(sys.version_info >= (3, 9))"])
+        if rc != 0 or out.strip() != "True":
+            errors.append(f"python {module.params['python']} is missing or older than 3.9 "
+                          f"({(err or out).strip()[:200]})")
+    if module.params["container_cli"]:
+        owned = _own_container_ports(module, module.params["state_dir"])
+    else:
+        owned = _own_alive_ports(module.params["state_dir"])
     for proc in spec.get("processes", []):
         for p in proc.get("ports", []):
             key = (p["host"], int(p["port"]))

@@ -116,6 +116,7 @@ def main() -> None:
         healthy=bool(procs) and all(x["ready"] for x in procs),
         processes=procs,
         probe_seconds=round(time.monotonic() - started, 3),
+        now=time.time(),
     )
 
 

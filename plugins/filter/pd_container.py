@@ -1,0 +1,52 @@
+"""Ansible filters of the container runtime and the image role (logic in
+pd_launcher/containers.py, unit tests in tests/unit/test_containers.py).
+
+    argv:   "{{ pd_unit_spec | pd_container_run_argv(settings) }}"
+    plan:   "{{ inspect.stdout | pd_container_decide({'labels': ..., 'image_id': ...}) }}"
+    list:   "{{ ps.stdout | pd_container_ps }}"
+    image:  "{{ '/path/image.tar' | pd_image_archive }}"          # {id, tags}
+    rounds: "{{ {'n1': tar, 'n2': tar} | pd_image_fanout_plan(4) }}"     # {seeds, rounds}
+"""
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+from ansible.errors import AnsibleFilterError
+
+_REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if _REPO not in sys.path:
+    sys.path.insert(0, _REPO)
+
+from pd_launcher import containers  # noqa: E402
+from pd_launcher.inventory import _plain  # noqa: E402
+
+
+def _wrap(func):
+    def call(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*(_plain(a) for a in args), **{k: _plain(v) for k, v in kwargs.items()})
+        except (containers.ContainerError, KeyError, TypeError, ValueError) as exc:
+            raise AnsibleFilterError(f"pd-deploy: {func.__name__}: {exc}") from None
+    call.__name__ = func.__name__
+    call.__doc__ = func.__doc__
+    return call
+
+
+class FilterModule:
+    def filters(self) -> dict[str, Any]:
+        return {
+            "pd_container_run_argv": _wrap(containers.run_argv),
+            "pd_container_decide": _wrap(containers.decide),
+            "pd_container_ps": _wrap(containers.parse_ps),
+            "pd_container_name": _wrap(containers.container_name),
+            "pd_container_labels": _wrap(containers.unit_labels),
+            "pd_container_label_filters": _wrap(containers.label_filters),
+            "pd_container_host_paths": _wrap(containers.host_paths),
+            "pd_container_optional_paths": _wrap(containers.optional_host_paths),
+            "pd_container_stop_timeout": _wrap(containers.stop_timeout),
+            "pd_image_id": _wrap(containers.image_id),
+            "pd_image_archive": _wrap(containers.archive_info),
+            "pd_image_fanout_plan": _wrap(containers.fanout),
+        }
