@@ -204,7 +204,7 @@ def proxy_block(plan: ClusterPlan, proxy: ProxyHost) -> dict[str, Any]:
         "prefill": list(plan.prefill_upstreams),
         "decode": list(plan.decode_upstreams),
         "served_model_name": first.served_model_name,
-        "options": dict(plan.proxy_options),
+        "options": dict(plan.proxy_options, admin_port=proxy.admin_port),
     }
 
 

@@ -80,6 +80,8 @@ VARIABLES: dict[str, tuple[Any, str, str]] = {
                         "specific fields (kv_rank/kv_parallel_size only before 0.32)."),
     "pd_bind_host": (None, "host", "Address services bind to. Default: node_ip."),
     "pd_proxy_port": (7000, "proxy", "Port of the global proxy on each C host."),
+    "pd_proxy_admin_port": (None, "proxy", "Port of the proxy agent (metrics, health, active "
+                            "health checks) on each C host. Default: pd_proxy_port + 1."),
     "pd_python": ("python3", "host", "Python on the node, used to run the launcher and the "
                   "emulator."),
     "pd_base_dir": (None, "host", "Per-node directory for state, logs and run files. Default "

@@ -89,6 +89,7 @@ class ProxyHost:
     ip: str
     bind: str
     port: int
+    admin_port: int  # the proxy agent (metrics, health, active checks)
     python: str
     base_dir: str
     grace: int
@@ -424,9 +425,11 @@ def _assign_kv_ports(
 
 def _proxy_host(host: str, r: Reader, ip: str | None) -> ProxyHost | None:
     port = r.port("pd_proxy_port")
+    admin = r.integer("pd_proxy_admin_port", 0, 65535) if r.raw("pd_proxy_admin_port") else None
     if ip is None or port is None:
         return None
     return ProxyHost(host=host, ip=ip, bind=r.ip("pd_bind_host") or ip, port=port,
+                     admin_port=admin or port + 1,
                      python=r.text("pd_python") or "python3", base_dir=_base_dir(r),
                      grace=r.integer("pd_grace_seconds", 0, 3600) or 0)
 
@@ -503,6 +506,7 @@ def bindings(plan_instances: Iterable[Instance], nodes: Mapping[str, Node],
             out.append(Binding(node.ip, inst.dp_rpc_port, "dp_rpc", f"{node.host}/dp-master"))
     for p in proxies:
         out.append(Binding(p.bind, p.port, "proxy", f"{p.host}/proxy"))
+        out.append(Binding(p.bind, p.admin_port, "admin", f"{p.host}/proxy-agent"))
     return out
 
 
@@ -512,7 +516,7 @@ def _check_ports(
 ) -> None:
     seen: dict[tuple[str, int], Binding] = {}
     field_of = {"api": "pd_api_port", "kv": "pd_kv_port", "dp_rpc": "pd_dp_rpc_port",
-                "proxy": "pd_proxy_port"}
+                "proxy": "pd_proxy_port", "admin": "pd_proxy_admin_port"}
     for b in bindings(instances, nodes, proxies):
         host = b.owner.split("/")[0]
         if not 1 <= b.port <= 65535:

@@ -200,3 +200,13 @@ def test_all_errors_are_collected():
     where = {(e.host, e.field) for e in errs}
     assert {("p1", "pd_engine"), ("d2", "host_ip"), ("c1", "pd_proxy_port")} <= where
     assert all(str(e).startswith(f"{e.host}: {e.field}: ") for e in errs if e.host)
+
+
+def test_proxy_agent_port_clash():
+    # the agent listens on pd_proxy_port + 1: on p1's IP that is p1's second API port
+    inp = mutate(small(), "c1", ansible_host="127.0.1.1", pd_proxy_port=7100)
+    errs = errors_of(inp)
+    assert any(e.host == "c1" and e.field == "pd_proxy_admin_port" for e in errs), errs
+    inp = mutate(small(), "c1", ansible_host="127.0.1.1", pd_proxy_port=7000,
+                 pd_proxy_admin_port=7101)
+    assert_error(inp, "c1", "pd_proxy_admin_port", "also bound by p1/dp1")
