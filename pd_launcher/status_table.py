@@ -1,8 +1,9 @@
 """The cluster status table of status.yml, from the plan and what each host reported."""
 from __future__ import annotations
 
-import json
 from typing import Any, Mapping
+
+from pd_launcher.containers import image_id, parse_ps
 
 COLUMNS = ("node", "role", "instance", "dp ranks", "state", "health", "ports", "uptime", "image")
 
@@ -21,18 +22,51 @@ def _uptime(seconds: float | None) -> str:
 
 
 def _containers(report: Mapping[str, Any] | None) -> list[dict[str, Any]]:
+    """The host's containers from `<cli> ps -a --format json` (docker or podman)."""
     if not report or report.get("skipped") or not report.get("stdout"):
         return []
-    text = report["stdout"].strip()
-    data = json.loads(text) if text.startswith("[") else [json.loads(x) for x in text.splitlines()]
-    return data or []
+    return parse_ps(report["stdout"])
 
 
-def _label(container: Mapping[str, Any], key: str) -> str | None:
-    labels = container.get("Labels") or {}
-    if isinstance(labels, str):  # docker: "a=b,c=d"
-        labels = dict(kv.split("=", 1) for kv in labels.split(",") if "=" in kv)
-    return labels.get(key)
+def _container_state(c: Mapping[str, Any]) -> str:
+    state = c.get("state") or "?"
+    if state in ("exited", "dead", "stopped") and c.get("exit_code") is not None:
+        return f"{state}({c['exit_code']})"
+    return state
+
+
+def _container_uptime(c: Mapping[str, Any], now: float | None) -> str:
+    if c.get("state") != "running":
+        return "-"
+    if c.get("started_at") and now:
+        return _uptime(max(0.0, now - float(c["started_at"])))
+    return _docker_up(str(c.get("status") or ""))
+
+
+_UNITS = {"second": "s", "minute": "m", "hour": "h", "day": "d", "week": "w", "month": "mo",
+          "year": "y"}
+
+
+def _docker_up(status: str) -> str:
+    """docker ps Status "Up 5 minutes" / "Up About an hour" -> "5m" / "~1h"."""
+    words = status.replace("(", " ").split()
+    if len(words) < 3 or words[0] != "Up":
+        return "-"
+    if words[1] == "Less":
+        return "0s"
+    about = words[1] == "About"
+    count, unit = ("1", words[3] if len(words) > 3 else "") if about else (words[1], words[2])
+    short = _UNITS.get(unit.rstrip("s"))
+    if not short or not count.isdigit():
+        return "-"
+    return ("~" if about else "") + count + short
+
+
+def _image(c: Mapping[str, Any]) -> str:
+    image = str(c.get("image") or "")
+    if not image or image.startswith("sha256:") or len(image) == 64:
+        return (image_id(image or c.get("image_id")) or "-")[:12]
+    return image
 
 
 def unit_row(host: str, role: str, spec: Mapping[str, Any], unit: Mapping[str, Any] | None,
@@ -41,12 +75,13 @@ def unit_row(host: str, role: str, spec: Mapping[str, Any], unit: Mapping[str, A
     ranks = [r for p in spec.get("processes", []) for r in p.get("dp_ranks", [])]
     ready = sum(1 for p in procs if p.get("ready"))
     if runtime == "container":
-        mine = [c for c in containers if _label(c, "pd.role") == role]
-        state = (mine[0].get("State") or mine[0].get("Status") or "?") if mine else "absent"
-        image = (mine[0].get("Image") or "-") if mine else "-"
-        uptime = "-"
-        if mine and isinstance(mine[0].get("StartedAt"), (int, float)):
-            uptime = "since " + str(mine[0]["StartedAt"])
+        mine = [c for c in containers if c["labels"].get("pd.role") == role]
+        # the newest first: a unit has one container, but show a running one if any
+        mine.sort(key=lambda c: (c.get("state") == "running", c.get("started_at") or 0),
+                  reverse=True)
+        state = _container_state(mine[0]) if mine else "absent"
+        image = _image(mine[0]) if mine else "-"
+        uptime = _container_uptime(mine[0], (unit or {}).get("now")) if mine else "-"
     else:
         alive = sum(1 for p in procs if p.get("alive"))
         if not (unit or {}).get("recorded"):

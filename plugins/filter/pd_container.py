@@ -23,30 +23,34 @@ from pd_launcher import containers  # noqa: E402
 from pd_launcher.inventory import _plain  # noqa: E402
 
 
-def _wrap(func):
+def _wrap(name: str, func):
     def call(*args: Any, **kwargs: Any) -> Any:
         try:
             return func(*(_plain(a) for a in args), **{k: _plain(v) for k, v in kwargs.items()})
         except (containers.ContainerError, KeyError, TypeError, ValueError) as exc:
-            raise AnsibleFilterError(f"pd-deploy: {func.__name__}: {exc}") from None
-    call.__name__ = func.__name__
+            raise AnsibleFilterError(f"pd-deploy: {name}: {exc}") from None
+    call.__name__ = name
     call.__doc__ = func.__doc__
     return call
 
 
+FILTERS = {
+    "pd_container_run_argv": containers.run_argv,
+    "pd_container_run_sha256": containers.run_sha256,
+    "pd_container_decide": containers.decide,
+    "pd_container_ps": containers.parse_ps,
+    "pd_container_name": containers.container_name,
+    "pd_container_labels": containers.unit_labels,
+    "pd_container_label_filters": containers.label_filters,
+    "pd_container_host_paths": containers.host_paths,
+    "pd_container_optional_paths": containers.optional_host_paths,
+    "pd_container_stop_timeout": containers.stop_timeout,
+    "pd_image_id": containers.image_id,
+    "pd_image_archive": containers.archive_info,
+    "pd_image_fanout_plan": containers.fanout,
+}
+
+
 class FilterModule:
     def filters(self) -> dict[str, Any]:
-        return {
-            "pd_container_run_argv": _wrap(containers.run_argv),
-            "pd_container_decide": _wrap(containers.decide),
-            "pd_container_ps": _wrap(containers.parse_ps),
-            "pd_container_name": _wrap(containers.container_name),
-            "pd_container_labels": _wrap(containers.unit_labels),
-            "pd_container_label_filters": _wrap(containers.label_filters),
-            "pd_container_host_paths": _wrap(containers.host_paths),
-            "pd_container_optional_paths": _wrap(containers.optional_host_paths),
-            "pd_container_stop_timeout": _wrap(containers.stop_timeout),
-            "pd_image_id": _wrap(containers.image_id),
-            "pd_image_archive": _wrap(containers.archive_info),
-            "pd_image_fanout_plan": _wrap(containers.fanout),
-        }
+        return {name: _wrap(name, func) for name, func in FILTERS.items()}

@@ -70,8 +70,10 @@ class Cluster:
 
 def make_cluster(root: Path, subnet: str, runtime: str = "process",
                  connection: dict[str, Any] | None = None,
-                 extra_vars: dict[str, Any] | None = None) -> Cluster:
-    """Write an inventory like inventories/local but on SUBNET.x with nodes under ROOT."""
+                 extra_vars: dict[str, Any] | None = None,
+                 host_vars: dict[str, dict[str, Any]] | None = None) -> Cluster:
+    """Write an inventory like inventories/local but on SUBNET.x with nodes under ROOT.
+    host_vars: per-host variables (host -> vars), e.g. each node's own podman store."""
     children: dict[str, Any] = {}
     hosts: dict[str, str] = {}
     for group, members in LAYOUT.items():
@@ -84,6 +86,7 @@ def make_cluster(root: Path, subnet: str, runtime: str = "process",
                 entry["host_ip"] = f"{subnet}.{master}"
             if devices:
                 entry["devices"] = devices
+            entry.update((host_vars or {}).get(name, {}))
             entries[name] = entry
         children[group] = {"hosts": entries}
     variables = {
@@ -118,6 +121,21 @@ def recap(stdout: str) -> dict[str, dict[str, int]]:
         m = re.match(r"^(\S+)\s+:\s+(.*)$", line.strip())
         if m:
             out[m.group(1)] = {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", m.group(2))}
+    return out
+
+
+def task_hosts(stdout: str, task: str) -> dict[str, list[str]]:
+    """Per outcome (ok, changed, skipping, failed, ...), the hosts of every run of the
+    task whose name contains TASK (default callback output)."""
+    out: dict[str, list[str]] = {}
+    inside = False
+    for line in stdout.splitlines():
+        if line.startswith(("TASK [", "RUNNING HANDLER [")):
+            inside = task in line
+            continue
+        m = re.match(r"^(ok|changed|skipping|failed|fatal): \[([^\]]+)\]", line)
+        if inside and m:
+            out.setdefault(m.group(1), []).append(m.group(2).split(" -> ")[0])
     return out
 
 
