@@ -8,10 +8,10 @@
 #   /opt/wheels, --no-index): a CUDA torch is never downloaded.
 # - Everything else is .ci/requirements-vllm.txt, installed with --no-deps (pinned,
 #   minimal subset; see the file's header) from the configured package index.
-# - Idempotent: a stamp in the venv records the requirements/script/python it was built
+# - Idempotent: a stamp in the venv records the requirements/layout/python it was built
 #   from; when it matches, nothing is done (well under a second). When it does not, the
 #   venv is rebuilt from scratch (a venv we did not create is never deleted).
-# - Concurrent callers serialise on VENV_DIR.lock.
+# - Concurrent callers serialise on a lock file in $TMPDIR (one per VENV_DIR).
 # - PD_VLLM_BASE_PYTHON: interpreter for the venv (default python3.11, else python3;
 #   must be 3.11, the torch wheel is cp311). PD_VLLM_REINSTALL=1 forces a rebuild.
 # Tests find the venv with PD_VLLM_PYTHON=VENV_DIR/bin/python (their default is
@@ -28,6 +28,8 @@ wheels=${PD_TORCH_WHEEL_DIR:-/opt/wheels}
 t0=$(date +%s)
 log() { echo "install-vllm: [$(($(date +%s) - t0))s] $*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
+# pip.conf's file:// extra indexes lack most projects; pip says so once per project.
+quiet_pip() { grep -v "^WARNING: Location 'file:.*' is ignored" >&2 || true; }
 
 [ -f "$req" ] || die "missing $req"
 torch_pin=$(grep -E '^torch==' "$req" | head -n1)
@@ -42,8 +44,10 @@ fi
 py_ver=$("$base_py" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
 [ "$py_ver" = 3.11 ] || die "$base_py is Python $py_ver; need 3.11 (the torch wheel is cp311)"
 
-# What the venv is built from; any change rebuilds it.
-stamp_want=$(cat "$req" "$self" | sha256sum | cut -d' ' -f1)" py$py_ver"
+# What the venv is built from; any change rebuilds it. Bump `layout` when a change to
+# this script changes what ends up in the venv.
+layout=1
+stamp_want="req=$(sha256sum <"$req" | cut -c1-16) layout=$layout py=$py_ver"
 stamp_file=$venv/.pd-install-vllm.stamp
 owner_file=$venv/.pd-install-vllm.owner   # written as soon as we create the venv
 
@@ -57,7 +61,8 @@ if up_to_date; then
 fi
 
 mkdir -p "$(dirname "$venv")"
-exec 9>>"$venv.lock"
+lock=${TMPDIR:-/tmp}/pd-install-vllm.$(echo "$venv" | sha256sum | cut -c1-16).lock
+exec 9>>"$lock"
 flock 9
 if up_to_date; then
     log "installed by a concurrent run: $venv"
@@ -67,7 +72,7 @@ fi
 start=$(date +%s)
 if [ -e "$venv" ]; then
     if [ -f "$owner_file" ]; then
-        log "rebuilding $venv (first install unfinished, or requirements/script/python changed)"
+        log "rebuilding $venv (first install unfinished, or requirements/layout/python changed)"
         old=$venv.old.$$          # deleted at exit, after the new venv is in place
         mv "$venv" "$old"
         trap 'rm -rf "$old"' EXIT
@@ -82,18 +87,19 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1 PIP_PROGRESS_BAR=off
 log "creating $venv with $base_py"
 "$base_py" -m venv "$venv"
 echo "$self" >"$owner_file"
+echo '*' >"$venv/.gitignore"   # keeps git status clean wherever the venv lives
 # --no-compile: byte-compiling ~2 GB of sources dominates the install time; the few
 # modules the parser imports are compiled on first use.
 pip=("$venv/bin/python" -m pip install --quiet --no-deps --no-cache-dir --no-compile)
 
 log "installing $torch_pin from $wheels (local CPU wheel, --no-index)"
 [ -d "$wheels" ] || die "torch wheel directory $wheels not found (set PD_TORCH_WHEEL_DIR)"
-"${pip[@]}" --no-index --find-links "$wheels" "$torch_pin" \
+"${pip[@]}" --no-index --find-links "$wheels" "$torch_pin" 2>&1 | quiet_pip \
     || die "no $torch_pin wheel in $wheels (a CUDA build from PyPI is deliberately not used)"
 
 log "installing $vllm_pin and its parser subset from $req (--no-deps)"
 # torch is already satisfied by the local CPU wheel, so pip does not look it up again.
-"${pip[@]}" --only-binary :all: -r "$req"
+"${pip[@]}" --only-binary :all: -r "$req" 2>&1 | quiet_pip
 
 # Guard: nothing CUDA slipped in, torch is the CPU build, the pins are what is installed.
 "$venv/bin/python" - "$req" <<'EOF'
