@@ -337,11 +337,19 @@ def main() -> int:
                          "(the machine may be shared)")
     ap.add_argument("--write-readme", action="store_true",
                     help="replace the '## Proxy' section of bench/README.md")
+    ap.add_argument("--report-only", action="store_true",
+                    help="re-render table/plot/README from <out>/proxy.json, run nothing")
     args = ap.parse_args()
     levels = [int(x) for x in args.concurrency.split(",")]
     nginx = shutil.which("nginx") or "/usr/sbin/nginx"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.report_only:
+        saved = json.loads((out / "proxy.json").read_text())
+        text = report(saved["rows"], saved["meta"]["levels"], out, saved["meta"])
+        if args.write_readme:
+            write_readme(text)
+        return 0
     work = Path(tempfile.mkdtemp(prefix="pd-bench-proxy-"))
     procs = Procs(work, nginx)
     paths = {"direct": (D_HOST, procs.d_port, None),
@@ -395,8 +403,10 @@ def main() -> int:
         k = (r["path"], r["concurrency"])
         if k not in best or r["p50_ms"] < best[k]["p50_ms"]:
             best[k] = r
-    text = report(list(best.values()), levels, out, nginx, args.repeat, load,
-                  sum(r["requests"] for r in rows), len(bad))
+    meta = {"date": time.strftime("%Y-%m-%d"), "cores": os.cpu_count(),
+            "versions": versions(nginx), "repeat": args.repeat, "load": load,
+            "sent": sum(r["requests"] for r in rows), "bad_runs": len(bad), "levels": levels}
+    text = report(list(best.values()), levels, out, meta)
     if args.write_readme:
         write_readme(text)
     return 1 if bad else 0
@@ -421,17 +431,17 @@ def versions(nginx: str) -> str:
     return f"{v.replace('nginx version: ', '')}, njs {njs or '?'}"
 
 
-def report(rows: list[dict], levels: list[int], out: Path, nginx: str, repeat: int,
-           load: tuple[float, float], sent: int, bad_runs: int) -> str:
+def report(rows: list[dict], levels: list[int], out: Path, meta: dict) -> str:
     by = {(r["path"], r["concurrency"]): r for r in rows}
+    load = meta["load"]
     lines = [
-        f"{time.strftime('%Y-%m-%d')}, x86_64, {os.cpu_count()} cores, {versions(nginx)}, "
+        f"{meta['date']}, x86_64, {meta['cores']} cores, {meta['versions']}, "
         f"1 nginx worker; one prefill and one decode emulator (`PD_EMU_ZERO_LATENCY=1`, KV "
         f"pulled over TCP), {TOKENS} streamed tokens per request, keep-alive connections "
         f"from one raw asyncio client; client, engines, proxy and its agent share the "
-        f"machine. Best (lowest p50) of {repeat} sweep(s); 1-minute load average "
-        f"{load[0]:.1f} before, {load[1]:.1f} after. Requests sent in all sweeps: {sent}; "
-        f"runs with a lost or failed request: {bad_runs}.",
+        f"machine. Best (lowest p50) of {meta['repeat']} sweep(s); 1-minute load average "
+        f"{load[0]:.1f} before, {load[1]:.1f} after. Requests sent in all sweeps: "
+        f"{meta['sent']}; runs with a lost or failed request: {meta['bad_runs']}.",
         "",
         "| concurrency | path | ok / sent | p50 ms | p99 ms | added p50 ms | added p99 ms "
         "| req/s | nginx CPU µs/req | agent CPU µs/req | decode engine CPU µs/req "
@@ -476,9 +486,23 @@ def report(rows: list[dict], levels: list[int], out: Path, nginx: str, repeat: i
         lines.append(f"| {c} | {b['p50_ms'] - a['p50_ms']:+.2f} | {b['p99_ms'] - a['p99_ms']:+.2f} "
                      f"| {b['p50_ms'] - ref['p50_ms']:+.2f} | {b['p99_ms'] - ref['p99_ms']:+.2f} "
                      f"| {ratio:.2f} | {errs} |")
+    c1 = (by.get(("direct", 1)), by.get(("proxy P->D", 1)))
+    ratios = [by[("proxy P->D", c)]["cpu_us_per_req"]["nginx"]
+              / max(1e-9, by[("proxy P->D", c)]["cpu_us_per_req"]["decode"])
+              for c in levels if ("proxy P->D", c) in by]
+    if all(c1) and ratios:
+        added = c1[1]["p50_ms"] - c1[0]["p50_ms"]
+        lines += [
+            "",
+            f"Targets: added p50 at concurrency 1 = {added:+.2f} ms (target <= 2 ms: "
+            f"{'met' if added <= 2 else 'NOT met'}); nginx CPU per request = "
+            f"{min(ratios):.2f}-{max(ratios):.2f} x the decode engine's (P->D); lost or "
+            f"failed requests: {meta['bad_runs']} run(s) with any, of {meta['sent']} "
+            f"requests sent.",
+        ]
     text = "\n".join(lines) + "\n"
     (out / "proxy.md").write_text(text)
-    (out / "proxy.json").write_text(json.dumps(rows, indent=1) + "\n")
+    (out / "proxy.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     print(text)
     plot(by, levels, out)
     return text
@@ -512,12 +536,20 @@ READING = """Reading it:
   each run, divided by the requests; the agent (which parses every access-log line)
   is listed separately. On loopback the sender's CPU also pays for the receiver's TCP
   processing, so part of nginx's figure is kernel time for both of its connections.
-- At 256 concurrent streams the emulated engines (one asyncio loop each, 2 cores for
-  everything) are the bottleneck; p99 there reflects queueing in the engines, not
-  the proxy. *listen overflows* (TcpExt ListenOverflows during the run): SYNs
-  dropped on a full accept queue, each costing the connection a 1 s retransmit;
-  they come from connection bursts on the engines' listeners (aiohttp's backlog is
-  128), and explain p99 values near or above 1 s.
+- From 16 streams on the machine is CPU-bound (2 cores for the client, two engines,
+  nginx and the agent; other jobs were running too). nginx (~150 µs) and the agent
+  (~20 µs) add some 15-20 % to the CPU one P->D request costs here, so at saturation
+  the proxied P->D path gets fewer requests per second, and more queueing, than the
+  client doing P->D itself; on a cluster the proxy has the C node to itself. Between
+  sweeps the same point varied by up to 2x (e.g. direct at 256: p50 56 and 107 ms),
+  hence best-of-N.
+- At 256 concurrent streams the emulated engines (one asyncio loop each) are the
+  bottleneck; p99 there reflects queueing in the engines, not the proxy.
+- *listen overflows* (TcpExt ListenOverflows, machine-wide, during the run): SYNs
+  dropped on a full accept queue, each costing its connection a 1 s retransmit.
+  They explain p99 values near or above 1 s, and most likely come from connection
+  bursts on the emulators' listeners (aiohttp's default backlog is 128), e.g. the
+  client opening 256 connections at once to each engine on the no-proxy P->D path.
 - Plot: `bench/out/proxy.png` (latency, throughput, CPU per request vs concurrency).
   Rerun: `.venv/bin/python bench/proxy/run.py --repeat 3 --write-readme`
   (`--quick` for a smoke run); needs matplotlib for the PNG.
