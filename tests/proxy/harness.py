@@ -85,6 +85,7 @@ class Backend:
         self.closed_by_peer: list[float] = []     # proxy closed a stream early
         self.health_ok = True
         self.usage_bug = True             # decode reports the whole prompt as cached
+        self.split_writes = False         # send every SSE event in two pieces
         self.runner = None
 
     @property
@@ -223,7 +224,14 @@ class Backend:
             if so.get("include_usage"):
                 ev = {"id": f"cmpl-{rid}", "object": "chunk", "choices": [],
                       "usage": self._usage(body, n)}
-                await resp.write(b"data: " + json.dumps(ev).encode() + b"\n\n")
+                data = b"data: " + json.dumps(ev).encode() + b"\n\n"
+                if self.split_writes:     # cut inside "usage" and before the blank line
+                    cut = data.index(b'"usage"') + 3
+                    for piece in (data[:cut], data[cut:-1], data[-1:]):
+                        await resp.write(piece)
+                        await asyncio.sleep(0.03)
+                else:
+                    await resp.write(data)
             await resp.write(b"data: [DONE]\n\n")
             await resp.write_eof()
         except (ConnectionResetError, ConnectionError, RuntimeError):

@@ -149,6 +149,30 @@ def test_streaming_is_incremental(pd):
         s.close()
 
 
+def test_streaming_with_usage_fix_is_incremental(pd):
+    """Same through the usage-fixing body filter (stream_options.include_usage)."""
+    px, p, d = pd
+    d.gate = threading.Event()
+    s, f, status, hdrs = open_stream(px.url + "/v1/completions", COMPLETION)
+    try:
+        assert b" 200 " in status
+        first = read_chunk(f)
+        assert b"t0" in first and len(d.chunk_times) == 1
+        d.gate.set()
+        rest = b""
+        while True:
+            c = read_chunk(f)
+            if not c:
+                break
+            rest += c
+    finally:
+        s.close()
+    ev = sse_events(first + rest)
+    (usage,) = [e["usage"] for e in ev[:-1] if e.get("usage")]
+    assert usage["prompt_tokens_details"] == {"cached_tokens": 2}      # fixed
+    assert ev[-1] == "[DONE]"
+
+
 def test_streaming_usage_event_passthrough_without_include_usage(pd):
     """No usage requested: bytes go through unchanged (no body filter)."""
     px, p, d = pd
@@ -188,6 +212,21 @@ def test_usage_fixed_from_prefill_streaming(pd):
     # the token events are intact
     assert "".join(e["choices"][0]["text"] for e in ev[:-1] if e["choices"]) == \
         "t0 t1 t2 t3 "
+
+
+def test_usage_fix_with_usage_event_split_across_reads(pd):
+    px, p, d = pd
+    d.split_writes = True
+    body = {"model": "m", "prompt": "s" * 40, "max_tokens": 2, "stream": True,
+            "stream_options": {"include_usage": True}}
+    st, _, data = post(px.url + "/v1/completions", body)
+    assert st == 200
+    assert data.endswith(b"data: [DONE]\n\n")
+    ev = sse_events(data)
+    (usage,) = [e["usage"] for e in ev[:-1] if e.get("usage")]
+    assert usage == {"prompt_tokens": 10, "completion_tokens": 2, "total_tokens": 12,
+                     "prompt_tokens_details": {"cached_tokens": 2}}
+    assert b"\n\ndata: {" in data and data.count(b"data: ") == 4
 
 
 def test_usage_left_alone_when_right(pd):
