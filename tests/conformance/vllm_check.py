@@ -1,0 +1,470 @@
+#!/usr/bin/env python3
+"""Check planned `vllm serve` command lines against the REAL vllm argument parser.
+
+Run with the python of the vllm venv (.ci/install-vllm.sh), not the project's venv:
+
+    echo '[{"id": "p1-dp0", "argv": ["vllm", "serve", "/models/x", "--port", "7100"],
+            "env": {"VLLM_NIXL_SIDE_CHANNEL_PORT": "36000"}}]' \\
+        | .venv-vllm/bin/python tests/conformance/vllm_check.py
+
+stdout: a JSON list, one object per input item, in input order:
+    {"id", "vllm": version, "ok": bool, "error": str ("" when ok), "stage": where it
+     stopped, "mode": what `vllm serve` would launch, "warnings": [str],
+     "parsed": {selected parsed values}, "parallel": {derived DP layout}}
+`vllm_check.py --info` prints the vllm version and which code paths are used.
+
+Stages, each the code `vllm serve` itself runs, in its order (vllm 0.33:
+vllm/entrypoints/cli/main.py main() and vllm/entrypoints/cli/serve.py):
+  argv          the item's argv is `vllm serve ...` (or `<python> -m <module> serve ...`,
+                the emulator form); everything after `serve` is what is parsed.
+  parse         top-level FlexibleArgumentParser + the serve subparser built by
+                ServeSubcommand.subparser_init (-> make_arg_parser), parse_args(["serve",
+                ...]): positional model_tag, unknown flags, types, choices, and the
+                --kv-transfer-config JSON (TypeAdapter(KVTransferConfig).validate_json:
+                unknown or removed keys such as kv_rank are rejected). Exit status 2.
+  validate      ServeSubcommand.validate -> validate_parsed_serve_args.
+  dispatch      ServeSubcommand.cmd with its launchers replaced by recorders: the data
+                parallel load-balancing mode checks (--data-parallel-rank and
+                --data-parallel-start-rank together are refused, --headless with
+                --api-server-count > 0 ...). "mode" says what would be launched:
+                api_server | multi_api_server | headless | dp_supervisor | grpc.
+  engine_args   AsyncEngineArgs.from_cli_args (model-free: copies the namespace).
+  parallel      (vllm 0.33 only) the data-parallel part of
+                EngineArgs.create_engine_config, transcribed below because the real
+                method needs the model's config, then the real ParallelConfig(...) with
+                its validators (rank range, ...). Model-dependent checks (external DP
+                needs a MoE model, world size vs devices, ...) are NOT done.
+  env           VLLM_* names in the item's env that vllm does not define: a warning
+                (vllm warns too), an error with --fail-on-environ-validation.
+
+The model path is never opened: parsing keeps it as a string (HF_HUB_OFFLINE is left
+unset, so EngineArgs.__post_init__ does not resolve it either).
+Item env is applied to os.environ around each item (values that vllm read at import
+time, e.g. defaults computed from VLLM_* variables, are those of this process).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import importlib
+import io
+import json
+import logging
+import os
+import sys
+import traceback
+
+# Before vllm is imported: no accelerator here, no usage reporting.
+os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
+os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+MAKE_ARG_PARSER_MODULES = (
+    "vllm.entrypoints.common.cli_args",  # 0.33
+    "vllm.entrypoints.launchers.cli_args",  # 0.29 - 0.32
+    "vllm.entrypoints.openai.cli_args",  # <= 0.28
+)
+FLEXIBLE_PARSER_MODULES = ("vllm.utils.argparse_utils", "vllm.utils")
+
+# Parsed values worth reporting (when the namespace has them).
+REPORTED = (
+    "model",
+    "model_tag",
+    "host",
+    "port",
+    "served_model_name",
+    "tensor_parallel_size",
+    "pipeline_parallel_size",
+    "data_parallel_size",
+    "data_parallel_size_local",
+    "data_parallel_rank",
+    "data_parallel_start_rank",
+    "data_parallel_address",
+    "data_parallel_rpc_port",
+    "data_parallel_external_lb",
+    "data_parallel_hybrid_lb",
+    "headless",
+    "api_server_count",
+    "enable_expert_parallel",
+    "enable_prefix_caching",
+    "enforce_eager",
+    "max_num_batched_tokens",
+    "max_num_seqs",
+    "max_model_len",
+)
+
+
+class _Dispatched(Exception):
+    """Raised by the launcher recorders: ServeSubcommand.cmd got as far as launching."""
+
+    def __init__(self, mode: str):
+        super().__init__(mode)
+        self.mode = mode
+
+
+class _Vllm:
+    """The pieces of the installed vllm the checks use, located once."""
+
+    def __init__(self) -> None:
+        import vllm
+
+        self.version = getattr(vllm, "__version__", "?")
+        self.serve_mod = None
+        self.serve_cmd = None
+        try:
+            self.serve_mod = importlib.import_module("vllm.entrypoints.cli.serve")
+            self.serve_cmd = self.serve_mod.ServeSubcommand()
+        except (ImportError, AttributeError) as e:  # very old layouts
+            self.serve_import_error = f"{type(e).__name__}: {e}"
+        self.cli_args = None
+        for name in MAKE_ARG_PARSER_MODULES:
+            try:
+                mod = importlib.import_module(name)
+            except ImportError:
+                continue
+            if hasattr(mod, "make_arg_parser"):
+                self.cli_args = mod
+                break
+        if self.cli_args is None and self.serve_cmd is None:
+            raise RuntimeError("no make_arg_parser in " + ", ".join(MAKE_ARG_PARSER_MODULES))
+        self.flexible = None
+        for name in FLEXIBLE_PARSER_MODULES:
+            try:
+                self.flexible = importlib.import_module(name).FlexibleArgumentParser
+                break
+            except (ImportError, AttributeError):
+                continue
+        if self.flexible is None:
+            raise RuntimeError("no FlexibleArgumentParser in " + ", ".join(FLEXIBLE_PARSER_MODULES))
+        from vllm.engine.arg_utils import AsyncEngineArgs
+
+        self.engine_args_cls = AsyncEngineArgs
+        import vllm.envs as envs
+
+        self.env_names = set(getattr(envs, "environment_variables", {}))
+
+    def info(self) -> dict:
+        return {
+            "vllm": self.version,
+            "serve_subcommand": bool(self.serve_cmd),
+            "make_arg_parser": self.cli_args.__name__ if self.cli_args else None,
+            "flexible_argument_parser": self.flexible.__module__,
+            "parallel_stage": self.version.startswith("0.33"),
+            "python": sys.executable,
+            "target_device": os.environ.get("VLLM_TARGET_DEVICE"),
+        }
+
+    def build_parser(self):
+        """The parser `vllm serve` uses: main()'s top-level parser + the serve subparser."""
+        parser = self.flexible(prog="vllm", description="vLLM CLI")
+        subparsers = parser.add_subparsers(required=False, dest="subparser")
+        if self.serve_cmd is not None:
+            sub = self.serve_cmd.subparser_init(subparsers)
+            sub.set_defaults(dispatch_function=self.serve_cmd.cmd)
+        else:
+            sub = subparsers.add_parser("serve", usage="vllm serve [model_tag] [options]")
+            self.cli_args.make_arg_parser(sub)
+        return parser
+
+    def validate(self, ns: argparse.Namespace) -> None:
+        if self.serve_cmd is not None:
+            self.serve_cmd.validate(ns)
+        else:
+            self.cli_args.validate_parsed_serve_args(ns)
+
+    def dispatch(self, ns: argparse.Namespace) -> str:
+        """Run ServeSubcommand.cmd up to the point where it would launch something."""
+        if self.serve_cmd is None:
+            return "unknown"
+        if getattr(ns, "grpc", False):
+            return "grpc"
+        mod = self.serve_mod
+
+        def recorder(mode):
+            def record(*_a, **_k):
+                raise _Dispatched(mode)
+
+            return record
+
+        class _Uvloop:  # `uvloop.run(run_server(args))`: run_server is a recorder
+            @staticmethod
+            def run(*_a, **_k):
+                raise _Dispatched("api_server")
+
+        patches = {
+            "run_headless": recorder("headless"),
+            "run_multi_api_server": recorder("multi_api_server"),
+            "run_dp_supervisor": recorder("dp_supervisor"),
+            "run_server": recorder("api_server"),
+            "uvloop": _Uvloop,
+        }
+        saved = {k: getattr(mod, k) for k in patches if hasattr(mod, k)}
+        try:
+            for k in saved:
+                setattr(mod, k, patches[k])
+            self.serve_cmd.cmd(ns)
+        except _Dispatched as d:
+            return d.mode
+        finally:
+            for k, v in saved.items():
+                setattr(mod, k, v)
+        return "unknown"
+
+
+@contextlib.contextmanager
+def _item_env(env: dict):
+    saved = {k: os.environ.get(k) for k in env}
+    try:
+        for k, v in env.items():
+            os.environ[str(k)] = str(v)
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+class _Capture(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.messages.append(record.getMessage())
+        except Exception:  # noqa: BLE001 - a broken log record is not our failure
+            self.messages.append(str(record.msg))
+
+
+def _serve_args(argv: list) -> list[str]:
+    if not isinstance(argv, list) or not all(isinstance(a, str) for a in argv):
+        raise ValueError("argv must be a list of strings")
+    if len(argv) >= 2 and os.path.basename(argv[0]) == "vllm" and argv[1] == "serve":
+        return argv[2:]
+    if len(argv) >= 4 and argv[1] == "-m" and argv[3] == "serve":  # <python> -m emulator serve
+        return argv[4:]
+    raise ValueError("argv must start with `vllm serve` (or `<python> -m <module> serve`)")
+
+
+def _parser_message(text: str) -> str:
+    """argparse's `prog: error: message` (the usage lines before it dropped)."""
+    _, sep, message = text.partition(" error: ")
+    message = message if sep else text
+    return " ".join(message.split())[:2000]
+
+
+def _jsonable(value):
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = dataclasses.asdict(value)
+    try:
+        json.dumps(value)
+        return value
+    except TypeError:
+        return repr(value)
+
+
+def _parallel_config(engine_args, headless: bool):
+    """Data-parallel section of vllm 0.33 EngineArgs.create_engine_config, model-free.
+
+    Transcribed from vllm/engine/arg_utils.py (0.33.0, create_engine_config, from
+    `assert not headless or not self.data_parallel_hybrid_lb` to the ParallelConfig
+    call); only the model-dependent `not model_config.is_moe` check is left out.
+    Then the real ParallelConfig runs its own validators.
+    """
+    from vllm.config import ParallelConfig
+
+    ea = engine_args
+    if headless and ea.data_parallel_hybrid_lb:
+        raise AssertionError("data_parallel_hybrid_lb is not applicable in headless mode")
+    if ea.data_parallel_hybrid_lb and ea.data_parallel_external_lb:
+        raise ValueError(
+            "`--data-parallel-hybrid-lb` and `--data-parallel-external-lb` cannot be "
+            "enabled together."
+        )
+    if ea.nnodes > 1 and ea.data_parallel_backend != "mp":
+        raise ValueError("`--nnodes` > 1 requires `--data-parallel-backend mp`")
+    inferred_rank = 0
+    size_local = ea.data_parallel_size_local
+    rank = ea.data_parallel_rank
+    hybrid = ea.data_parallel_hybrid_lb
+    if ea.nnodes > 1:
+        within_dp = (
+            ea.pipeline_parallel_size * ea.tensor_parallel_size * ea.prefill_context_parallel_size
+        )
+        world = ea.data_parallel_size * within_dp
+        if world % ea.nnodes != 0:
+            raise ValueError(f"`--nnodes {ea.nnodes}` must evenly divide the world size {world}")
+        if not 0 <= ea.node_rank < ea.nnodes:
+            raise ValueError(f"`--node-rank` must be between 0 and {ea.nnodes - 1}")
+        local_world = world // ea.nnodes
+        inferred_rank = (ea.node_rank * local_world) // within_dp
+        if ea.data_parallel_size > 1 and ea.data_parallel_external_lb:
+            if rank is None:
+                if ea.nnodes % ea.data_parallel_size != 0:
+                    raise ValueError(
+                        "`--node-rank` cannot identify external data-parallel ranks when "
+                        "`--nnodes` is not divisible by `--data-parallel-size`"
+                    )
+                rank = inferred_rank
+        elif size_local is None:
+            size_local = max(local_world // within_dp, 1)
+    external = ea.data_parallel_external_lb or rank is not None
+    if ea.enable_fault_tolerance and not external:
+        raise ValueError("Fault tolerance requires external load balancer mode")
+    if external:
+        if rank is None:
+            raise ValueError("`--data-parallel-external-lb` requires a data-parallel rank")
+        if size_local not in (1, None):
+            raise ValueError(
+                "an external data-parallel rank requires `--data-parallel-size-local 1`; "
+                f"got {size_local}"
+            )
+        size_local = 1
+        hybrid = False
+    elif size_local is not None:
+        if ea.data_parallel_start_rank is not None and not headless:
+            hybrid = True
+        if hybrid and size_local == 1:
+            external, hybrid = True, False
+        if size_local == ea.data_parallel_size:
+            hybrid = False
+        start = ea.data_parallel_start_rank
+        rank = start if start is not None else inferred_rank
+    else:
+        if hybrid:
+            raise ValueError("`--data-parallel-hybrid-lb` requires `--data-parallel-size-local`")
+        size_local = ea.data_parallel_size
+    if headless and size_local <= 0:
+        raise ValueError("data_parallel_size_local must be > 0 in headless mode")
+
+    names = {f.name for f in dataclasses.fields(ParallelConfig) if f.init}
+    kwargs = {}
+    for f in dataclasses.fields(ea):
+        if f.name in names and not f.name.startswith("_"):
+            value = getattr(ea, f.name)
+            if value is not None:
+                kwargs[f.name] = value
+    kwargs.update(
+        data_parallel_rank=rank or 0,
+        data_parallel_external_lb=external,
+        data_parallel_size_local=size_local,
+        data_parallel_hybrid_lb=hybrid,
+    )
+    if ea.data_parallel_address is not None:
+        kwargs["data_parallel_master_ip"] = ea.data_parallel_address
+    if ea.data_parallel_rpc_port is not None:
+        kwargs["data_parallel_rpc_port"] = ea.data_parallel_rpc_port
+    for model_dependent in ("is_moe_model", "placement_group", "ray_runtime_env"):
+        kwargs.pop(model_dependent, None)
+    pc = ParallelConfig(**kwargs)
+    return {
+        "data_parallel_rank": pc.data_parallel_rank,
+        "data_parallel_size": pc.data_parallel_size,
+        "data_parallel_size_local": pc.data_parallel_size_local,
+        "data_parallel_external_lb": pc.data_parallel_external_lb,
+        "data_parallel_hybrid_lb": pc.data_parallel_hybrid_lb,
+        "data_parallel_master_ip": pc.data_parallel_master_ip,
+        "data_parallel_rpc_port": pc.data_parallel_rpc_port,
+        "world_size": pc.world_size,
+    }
+
+
+def check_item(v: _Vllm, item: dict) -> dict:
+    res = {
+        "id": item.get("id"),
+        "vllm": v.version,
+        "ok": False,
+        "error": "",
+        "stage": "argv",
+        "mode": None,
+        "warnings": [],
+        "parsed": {},
+    }
+    capture = _Capture()
+    vllm_logger = logging.getLogger("vllm")
+    vllm_logger.addHandler(capture)
+    stderr = io.StringIO()
+    try:
+        env = item.get("env") or {}
+        if not isinstance(env, dict):
+            raise ValueError("env must be an object")
+        args = _serve_args(item.get("argv"))
+        with _item_env(env), contextlib.redirect_stderr(stderr):
+            res["stage"] = "parse"
+            parser = v.build_parser()
+            try:
+                ns = parser.parse_args(["serve", *args])
+            except SystemExit as e:
+                raise ValueError(
+                    f"parser exited with status {e.code}: {_parser_message(stderr.getvalue())}"
+                ) from None
+            res["parsed"] = {k: _jsonable(getattr(ns, k)) for k in REPORTED if hasattr(ns, k)}
+            if getattr(ns, "model_tag", "") is None and "--config" not in args:
+                res["warnings"].append(f"no model given: vllm serves {ns.model!r}")
+            if getattr(ns, "api_key", None):
+                res["parsed"]["api_key"] = "***"
+            if getattr(ns, "kv_transfer_config", None) is not None:
+                res["parsed"]["kv_transfer_config"] = _jsonable(ns.kv_transfer_config)
+
+            res["stage"] = "validate"
+            v.validate(ns)
+
+            res["stage"] = "dispatch"
+            headless = bool(getattr(ns, "headless", False))
+            res["mode"] = v.dispatch(ns)
+            res["parsed"]["model"] = _jsonable(getattr(ns, "model", None))
+            res["parsed"]["api_server_count"] = getattr(ns, "api_server_count", None)
+
+            res["stage"] = "engine_args"
+            engine_args = v.engine_args_cls.from_cli_args(ns)
+
+            if v.version.startswith("0.33"):
+                res["stage"] = "parallel"
+                res["parallel"] = _parallel_config(engine_args, headless)
+
+            res["stage"] = "env"
+            unknown = sorted(k for k in env if k.startswith("VLLM_") and k not in v.env_names)
+            if unknown and getattr(engine_args, "fail_on_environ_validation", False):
+                raise ValueError(f"Unknown vLLM environment variable detected: {unknown[0]}")
+            for k in unknown:
+                res["warnings"].append(f"Unknown vLLM environment variable detected: {k}")
+        res["stage"] = "done"
+        res["ok"] = True
+    except Exception as e:  # noqa: BLE001 - every failure is a result, never a crash
+        res["error"] = " ".join(f"{type(e).__name__}: {e}".split())
+        if os.environ.get("PD_VLLM_CHECK_TRACEBACK"):
+            res["traceback"] = traceback.format_exc()
+    finally:
+        vllm_logger.removeHandler(capture)
+    res["warnings"] = capture.messages + res["warnings"]
+    return res
+
+
+def main(argv: list[str]) -> int:
+    # vllm logs to stdout by default: keep fd 1 for our JSON only.
+    out = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    v = _Vllm()
+    if argv[1:2] == ["--info"]:
+        json.dump(v.info(), out)
+        out.write("\n")
+        out.flush()
+        return 0
+    items = json.load(sys.stdin)
+    if not isinstance(items, list):
+        raise SystemExit("stdin must be a JSON list of {id, argv, env}")
+    results = [check_item(v, it if isinstance(it, dict) else {}) for it in items]
+    json.dump(results, out, indent=1)
+    out.write("\n")
+    out.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
