@@ -350,7 +350,10 @@ def proxy_unit(proxy: dict, dirs: dict, *, nginx_bin: str = "nginx",
         "decode_retry_map": decode_map,
         "decode_retry_default": d_max - 1,
         "total_retry_map": total_map,
-        "api_key_header": f"Bearer {opts['api_key']}" if opts["api_key"] else None,
+        # nginx map strings match ignoring case: a case-sensitive regex instead
+        # (the key's characters are limited, only . and + need escaping)
+        "api_key_regex": ("~^Bearer " + re.sub(r"([.+])", r"\\\1", opts["api_key"]) + "$"
+                          if opts["api_key"] else None),
         "engine_auth_header": (f"Bearer {opts['engine_api_key']}"
                                if opts["engine_api_key"] else None),
         "access_log": access_log,

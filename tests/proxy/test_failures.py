@@ -221,12 +221,12 @@ def test_client_disconnect_closes_decode_connection(backends, proxy_factory):
 @pytest.fixture
 def strict(backends, proxy_factory):
     (p,), (d,) = backends(1, 1)
-    px = proxy_factory([p.addr], [d.addr], max_body_size="2k", api_key="sk-test-123",
+    px = proxy_factory([p.addr], [d.addr], max_body_size="2k", api_key="sk-test.1+23",
                        engine_api_key="engine-key-9")
     return px, p, d
 
 
-AUTH = {"Authorization": "Bearer sk-test-123"}
+AUTH = {"Authorization": "Bearer sk-test.1+23"}
 
 
 def test_malformed_json_400(strict):
@@ -262,7 +262,10 @@ def test_body_over_limit_413(strict):
 
 def test_api_key(strict):
     px, p, d = strict
-    for hdrs in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "sk-test-123"}):
+    wrong = ["", "Bearer wrong", "sk-test.1+23", "Bearer SK-TEST.1+23", "bearer sk-test.1+23",
+             "Bearer sk-test.1+234", "Bearer sk-test.1+2", "Bearer sk-testX1+23",
+             "Bearer sk-test.1123", "Bearer sk-test.11123", "Bearer  sk-test.1+23"]
+    for hdrs in [{"Authorization": w} if w else {} for w in wrong]:
         for path in ("/v1/completions", "/v1/chat/completions"):
             st, _, data = post(px.url + path, BODY, hdrs)
             assert st == 401, (hdrs, path)
@@ -281,8 +284,8 @@ def test_api_key(strict):
     px.log_lines(len(px.log_lines()) + 1, timeout=0.5)
     for f in px.logs.values():
         text = f.read_text()
-        assert "sk-test-123" not in text and "engine-key-9" not in text
-    assert "sk-test-123" not in px.access_log.read_text()
+        assert "sk-test.1+23" not in text and "engine-key-9" not in text
+    assert "sk-test" not in px.access_log.read_text()
     import os
     import stat
 

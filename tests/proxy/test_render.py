@@ -123,7 +123,7 @@ def test_secrets_only_in_0600_config(tmp_path):
     u = proxy_unit(block(api_key="sk-client-XYZ", engine_api_key="eng-ABC"), dirs(tmp_path))
     fs = files(u)
     assert fs["nginx.conf"]["mode"] == "0600"
-    assert '"Bearer sk-client-XYZ" 1;' in fs["nginx.conf"]["content"]
+    assert '"~^Bearer sk-client-XYZ$" 1;' in fs["nginx.conf"]["content"]
     assert 'proxy_set_header Authorization "Bearer eng-ABC";' in fs["nginx.conf"]["content"]
     rest = json.dumps({k: v for k, v in u.items() if k != "files"}) + "".join(
         f["content"] for n, f in fs.items() if n != "nginx.conf")
