@@ -121,6 +121,28 @@ CASES: dict[str, tuple] = {
     ),
     "not-vllm-serve": (["vllm", "bench", MODEL], {}, False, "argv", "vllm serve"),
 }
+# vLLM-Ascend's kv_connector_extra_config start-up checks: reported in "ascend",
+# and failing the item only with strict_ascend.
+STRICT = {
+    "strict-reference-p1": (_reference_prefill(1), True, ""),
+    "strict-reference-d-headless": (INTERNAL_HEADLESS, True, ""),
+    "strict-known-good": (KNOWN_GOOD, False, "conflicting tensor parallel size"),
+    "strict-dp-mismatch": (
+        serve("--tensor-parallel-size", "8", "--data-parallel-size", "4",
+              "--data-parallel-rank", "0", *kv(MOONCAKE_P)),
+        False, "conflicting data parallel size",
+    ),
+    "strict-prefill-tp-below-decode": (
+        serve("--tensor-parallel-size", "1", *kv(dict(
+            MOONCAKE_P, kv_connector_extra_config={
+                "prefill": {"dp_size": 1, "tp_size": 1}, "decode": {"dp_size": 1, "tp_size": 2},
+            }))),
+        False, "must be greater than or equal to the decode_tp_size",
+    ),
+    "strict-missing-sizes": (
+        serve(*kv(dict(MOONCAKE_P, kv_connector_extra_config={}))), False, "tp_size is required",
+    ),
+}
 
 pytestmark = pytest.mark.vllm
 
@@ -128,8 +150,9 @@ pytestmark = pytest.mark.vllm
 @pytest.fixture(scope="module")
 def results() -> dict[str, dict]:
     items = [{"id": k, "argv": v[0], "env": v[1]} for k, v in CASES.items()]
+    items += [{"id": k, "argv": v[0], "strict_ascend": True} for k, v in STRICT.items()]
     out = vllm_runner.check_argv(items)
-    assert [r["id"] for r in out] == list(CASES)
+    assert [r["id"] for r in out] == [it["id"] for it in items]
     return {r["id"]: r for r in out}
 
 
@@ -144,6 +167,30 @@ def test_case(results, case):
         assert r["mode"] == needle, r
     else:
         assert needle in r["error"], r
+
+
+@pytest.mark.parametrize("case", list(STRICT))
+def test_strict_ascend(results, case):
+    _argv, ok, needle = STRICT[case]
+    r = results[case]
+    assert r["ok"] is ok, r
+    assert r["ascend"]["ok"] is ok, r
+    assert needle in r["error"], r
+    if not ok:
+        assert r["stage"] == "ascend"
+
+
+def test_ascend_checks_are_reported_without_failing(results):
+    """vLLM itself accepts prefill/decode sizes that differ from the engine's own."""
+    r = results["known-good"]
+    assert r["ok"] is True
+    assert r["ascend"] == {
+        "ok": False,
+        "error": "ValueError: KV transfer 'prefill' config has a conflicting tensor parallel "
+        "size. Expected 2, but got 8.",
+    }
+    assert results["reference-p1-dp0"]["ascend"] == {"ok": True, "error": ""}
+    assert results["nixl-env"]["ascend"] is None  # not a vLLM-Ascend connector
 
 
 def test_real_vllm_version_and_parser(results):

@@ -10,7 +10,9 @@ Run with the python of the vllm venv (.ci/install-vllm.sh), not the project's ve
 stdout: a JSON list, one object per input item, in input order:
     {"id", "vllm": version, "ok": bool, "error": str ("" when ok), "stage": where it
      stopped, "mode": what `vllm serve` would launch, "warnings": [str],
-     "parsed": {selected parsed values}, "parallel": {derived DP layout}}
+     "parsed": {selected parsed values}, "parallel": {derived DP layout},
+     "ascend": null | {"ok", "error"}}
+Item keys: "id", "argv", "env" (optional), "strict_ascend" (optional, see below).
 `vllm_check.py --info` prints the vllm version and which code paths are used.
 
 Stages, each the code `vllm serve` itself runs, in its order (vllm 0.33:
@@ -34,8 +36,17 @@ vllm/entrypoints/cli/main.py main() and vllm/entrypoints/cli/serve.py):
                 method needs the model's config, then the real ParallelConfig(...) with
                 its validators (rank range, ...). Model-dependent checks (external DP
                 needs a MoE model, world size vs devices, ...) are NOT done.
+  ascend        only for vLLM-Ascend's Mooncake connectors (MooncakeConnectorV1,
+                MooncakeLayerwiseConnector, MooncakeHybridConnector): the start-up checks
+                vLLM-Ascend makes on kv_connector_extra_config, transcribed from
+                vllm-ascend 0.23.0.post1 (the newest on PyPI; see _ascend_kv_extra).
+                Reported in "ascend": {"ok", "error"} (null when not applicable); it
+                fails the item ("ok": false) only when the item has "strict_ascend": true,
+                since vLLM itself accepts these values.
   env           VLLM_* names in the item's env that vllm does not define: a warning
                 (vllm warns too), an error with --fail-on-environ-validation.
+                VLLM_ASCEND_* names belong to vLLM-Ascend's own envs module and are
+                not reported.
 
 The model path is never opened: parsing keeps it as a string (HF_HUB_OFFLINE is left
 unset, so EngineArgs.__post_init__ does not resolve it either).
@@ -374,6 +385,66 @@ def _parallel_config(engine_args, headless: bool):
     }
 
 
+ASCEND_MOONCAKE_CONNECTORS = (
+    "MooncakeConnectorV1",
+    "MooncakeLayerwiseConnector",
+    "MooncakeHybridConnector",
+)
+
+
+def _ascend_kv_extra(kv, tp: int, dp: int, warnings: list[str]) -> None:
+    """vLLM-Ascend's start-up checks of kv_connector_extra_config (model-free part).
+
+    Transcribed from vllm-ascend 0.23.0.post1:
+      vllm_ascend/utils.py check_kv_extra_config (called by NPUPlatform.
+        check_and_update_config): a producer's "prefill" and a consumer's "decode"
+        tp_size / dp_size must equal its own --tensor-parallel-size /
+        --data-parallel-size (kv_both: both);
+      kv_p2p/mooncake_connector.py MooncakeConnectorWorker: "prefill" and "decode" need
+        tp_size and dp_size; decode pp_size must be 1; prefill tp_size >= decode tp_size;
+      ascend_config.py: non-MLA models need prefill tp_size % decode tp_size == 0
+        (model-dependent: a warning here).
+    """
+    extra = kv.kv_connector_extra_config or {}
+    producer = kv.kv_role in ("kv_producer", "kv_both")
+    consumer = kv.kv_role in ("kv_consumer", "kv_both")
+    for name, own in (("prefill", producer), ("decode", consumer)):
+        cfg = extra.get(name, {})
+        if not isinstance(cfg, dict):
+            raise ValueError(f"kv_connector_extra_config.{name} must be an object")
+        if not own:
+            continue
+        if "tp_size" in cfg and cfg["tp_size"] != tp:
+            raise ValueError(
+                f"KV transfer '{name}' config has a conflicting tensor parallel size. "
+                f"Expected {tp}, but got {cfg['tp_size']}."
+            )
+        if "dp_size" in cfg and cfg["dp_size"] != dp:
+            raise ValueError(
+                f"KV transfer '{name}' config has a conflicting data parallel size. "
+                f"Expected {dp}, but got {cfg['dp_size']}."
+            )
+    if kv.kv_connector != "MooncakeConnectorV1":
+        return
+    prefill, decode = extra.get("prefill", {}), extra.get("decode", {})
+    for name, cfg in (("prefill", prefill), ("decode", decode)):
+        for key in ("tp_size", "dp_size"):
+            if key not in cfg:
+                raise ValueError(f"kv_connector_extra_config.{name}.{key} is required")
+    if decode.get("pp_size", 1) != 1:
+        raise ValueError("decode pp size must be 1")
+    if prefill["tp_size"] < decode["tp_size"]:
+        raise ValueError(
+            f"prefill_tp_size: {prefill['tp_size']} must be greater than or equal to the "
+            f"decode_tp_size: {decode['tp_size']}"
+        )
+    if prefill["tp_size"] % decode["tp_size"]:
+        warnings.append(
+            "prefill tp_size is not a multiple of decode tp_size: vLLM-Ascend refuses "
+            "this for non-MLA models"
+        )
+
+
 def check_item(v: _Vllm, item: dict) -> dict:
     res = {
         "id": item.get("id"),
@@ -384,6 +455,7 @@ def check_item(v: _Vllm, item: dict) -> dict:
         "mode": None,
         "warnings": [],
         "parsed": {},
+        "ascend": None,
     }
     capture = _Capture()
     vllm_logger = logging.getLogger("vllm")
@@ -427,8 +499,27 @@ def check_item(v: _Vllm, item: dict) -> dict:
                 res["stage"] = "parallel"
                 res["parallel"] = _parallel_config(engine_args, headless)
 
+            kv = getattr(ns, "kv_transfer_config", None)
+            if kv is not None and kv.kv_connector in ASCEND_MOONCAKE_CONNECTORS:
+                res["stage"] = "ascend"
+                try:
+                    _ascend_kv_extra(
+                        kv, ns.tensor_parallel_size, ns.data_parallel_size, res["warnings"]
+                    )
+                    res["ascend"] = {"ok": True, "error": ""}
+                except ValueError as e:
+                    res["ascend"] = {"ok": False, "error": f"ValueError: {e}"}
+                    if item.get("strict_ascend"):
+                        raise
+
             res["stage"] = "env"
-            unknown = sorted(k for k in env if k.startswith("VLLM_") and k not in v.env_names)
+            unknown = sorted(
+                k
+                for k in env
+                if k.startswith("VLLM_")
+                and not k.startswith("VLLM_ASCEND_")
+                and k not in v.env_names
+            )
             if unknown and getattr(engine_args, "fail_on_environ_validation", False):
                 raise ValueError(f"Unknown vLLM environment variable detected: {unknown[0]}")
             for k in unknown:

@@ -105,11 +105,18 @@ def run_check(payload: list[dict] | None, *args: str, python: Path | None = None
 
 def check_argv(items: list[dict], python: Path | None = None) -> list[dict]:
     """Check each planned argv with the real `vllm serve` parser; one result per item,
-    in order: {"id", "ok", "error", ...}. Items: {"id": str, "argv": ["vllm", "serve",
-    MODEL, ...], "env": {...}} (env optional)."""
+    in order: {"id", "ok", "error", "ascend", ...}. Items: {"id": str, "argv": ["vllm",
+    "serve", MODEL, ...], "env": {...}, "strict_ascend": bool} (env and strict_ascend
+    optional; strict_ascend=True also fails the item on vLLM-Ascend's
+    kv_connector_extra_config start-up checks, reported in "ascend" either way)."""
     _validate(items)
     payload = [
-        {"id": it.get("id"), "argv": list(it["argv"]), "env": dict(it.get("env") or {})}
+        {
+            "id": it.get("id"),
+            "argv": list(it["argv"]),
+            "env": dict(it.get("env") or {}),
+            "strict_ascend": bool(it.get("strict_ascend", False)),
+        }
         for it in items
     ]
     key = json.dumps([str(python), payload], sort_keys=True)
