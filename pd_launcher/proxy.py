@@ -503,8 +503,9 @@ def _num(v: Any) -> float | None:
 class Metrics:
     """Counters derived from the access log. One lock; small critical sections."""
 
-    def __init__(self, pools: dict[str, dict[str, Any]]):
+    def __init__(self, pools: dict[str, dict[str, Any]], max_fails: int = 1):
         self.lock = threading.Lock()
+        self.keep_failures = max(1, max_fails)   # the last max_fails times decide
         self.pools = pools
         self.requests: dict[tuple[str, str], int] = {}
         self.modes: dict[str, int] = {}
@@ -539,7 +540,9 @@ class Metrics:
                 # passive health as nginx sees it: prefill counts 5xx, decode
                 # only connect errors / timeouts (reported as 502 / 504)
                 if pool == "prefill" or code in (0, 502, 504):
-                    self.recent_failures.setdefault(k, []).append(now)
+                    ts = self.recent_failures.setdefault(k, [])
+                    ts.append(now)
+                    del ts[:-self.keep_failures]
 
     def add(self, rec: dict, now: float) -> None:
         route = rec.get("route") if rec.get("route") in ROUTES else "other"
@@ -592,7 +595,7 @@ class Agent:
     def __init__(self, cfg: dict):
         self.cfg = cfg
         self.pools = cfg["pools"]
-        self.metrics = Metrics(self.pools)
+        self.metrics = Metrics(self.pools, cfg.get("max_fails", 1))
         self.stop = threading.Event()
         h = cfg["health"]
         self.health = h
