@@ -113,9 +113,8 @@ def _engine_env(plan: ClusterPlan, inst: Instance, node: Node, ranks: list[Rank]
         env["CUDA_VISIBLE_DEVICES"] = devices
         if inst.connector == "NixlConnector":
             env["VLLM_NIXL_SIDE_CHANNEL_HOST"] = node.ip
-            env["VLLM_NIXL_SIDE_CHANNEL_PORT"] = str(ranks[0].kv_port)
-    if inst.engine == "emulator":
-        env["PD_EMU_DP_RANK_LOCAL"] = str(ranks[0].local)
+            env["VLLM_NIXL_SIDE_CHANNEL_PORT"] = str(inst.kv_port)  # vLLM adds the DP rank
+    env["VLLM_HOST_IP"] = node.ip  # vLLM-Ascend's Mooncake advertises get_ip()
     env.update(inst.env)
     return env
 
@@ -128,8 +127,10 @@ def _ports(inst: Instance, node: Node, ranks: list[Rank], headless: bool) -> lis
     if node.master and ranks[0].rank == 0 and inst.dp_size > 1:
         ports.append({"host": node.ip, "port": inst.dp_rpc_port, "use": "dp_rpc"})
     use = "nixl" if inst.connector == "NixlConnector" else "kv"
-    # the emulator binds each rank's first port; the real connector every tp worker's
-    width = 1 if inst.engine == "emulator" else inst.tp
+    # Mooncake: every tp worker of a rank has a port (the emulator binds the first);
+    # NIXL: one side channel per engine
+    mooncake = inst.connector.startswith("Mooncake")
+    width = inst.tp if mooncake and inst.engine != "emulator" else 1
     for rank in ranks:
         for t in range(width):
             ports.append({"host": node.ip, "port": rank.kv_port + t, "use": use})
@@ -213,7 +214,7 @@ def proxy_spec(plan: ClusterPlan, proxy: ProxyHost) -> dict[str, Any]:
 
     block = proxy_block(plan, proxy)
     dirs = dirs_for(proxy.base_dir, "C")
-    unit = proxy_unit(block, dirs)
+    unit = proxy_unit(block, dirs, python=proxy.python)
     return {
         "schema": SCHEMA,
         "cluster": plan.cluster,

@@ -37,7 +37,7 @@ class Rank:
     local: int  # index among the node's ranks
     devices: list[str]
     api_port: int | None  # external DP: every rank; internal: only local 0 on the master
-    kv_port: int  # first KV side-channel port of this rank (kv_base + local * tp)
+    kv_port: int  # KV side-channel port of this rank (Mooncake: base + rank*tp; NIXL: base + rank)
 
 
 @dataclass
@@ -404,21 +404,27 @@ def _assign_kv_ports(
         k = used.get(base, 0)
         used[base] = k + 1
         inst.kv_port = base + k * stride
+        # As the connectors compute it, from the GLOBAL DP rank r (vLLM 0.33 nixl
+        # base_scheduler; vLLM-Ascend mooncake_connector): Mooncake listens on
+        # kv_port + r * tp (+ tp worker index), NIXL on kv_port + r (one per engine).
+        per_rank = inst.tp if inst.connector.startswith("Mooncake") else 1
         for host in inst.hosts:
             node_chips = 0
             for rank in nodes[host].ranks:
-                rank.kv_port = inst.kv_port + rank.local * inst.tp
+                rank.kv_port = inst.kv_port + rank.rank * per_rank
                 node_chips += inst.tp
-            top = inst.kv_port + node_chips - 1
+            ranks = nodes[host].ranks
+            low = ranks[0].kv_port if ranks else inst.kv_port
+            top = (ranks[-1].kv_port + per_rank - 1) if ranks else inst.kv_port
             if top > 65535:
-                readers[host].fail("pd_kv_port", f"KV range {inst.kv_port}..{top} of instance "
+                readers[host].fail("pd_kv_port", f"KV range {low}..{top} of instance "
                                    f"{inst.name} goes past 65535")
             if inst.flavour == "vllm-ascend" and inst.connector.startswith("Mooncake"):
                 hi = MOONCAKE_RANDOM_BASE + node_chips * 1000
-                if inst.kv_port < hi and top >= MOONCAKE_RANDOM_BASE:
+                if low < hi and top >= MOONCAKE_RANDOM_BASE:
                     readers[host].fail(
                         "pd_kv_port",
-                        f"KV range {inst.kv_port}..{top} of instance {inst.name} overlaps the "
+                        f"KV range {low}..{top} of instance {inst.name} overlaps the "
                         f"ports Mooncake picks at random ({MOONCAKE_RANDOM_BASE}..{hi - 1} with "
                         f"{node_chips} chips); use pd_kv_port >= {hi}")
 
@@ -500,7 +506,8 @@ def bindings(plan_instances: Iterable[Instance], nodes: Mapping[str, Node],
             who = f"{node.host}/dp{rank.rank}"
             if rank.api_port is not None:
                 out.append(Binding(node.bind, rank.api_port, "api", who))
-            for t in range(inst.tp):
+            width = inst.tp if inst.connector.startswith("Mooncake") else 1
+            for t in range(width):
                 out.append(Binding(node.ip, rank.kv_port + t, "kv", who))
         if node.master:
             out.append(Binding(node.ip, inst.dp_rpc_port, "dp_rpc", f"{node.host}/dp-master"))

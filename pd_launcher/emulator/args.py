@@ -289,20 +289,18 @@ def _derive(ns: argparse.Namespace, kv: Optional[KVConfig], env: Mapping[str, st
         a.ranks = list(range(start, start + local))
         a.dp_mode = "internal" if dp > 1 else "single"
     if kv is not None:
+        # As the real connectors (vLLM 0.33 / vLLM-Ascend), from the GLOBAL DP rank:
+        # NIXL listens on VLLM_NIXL_SIDE_CHANNEL_PORT + rank (one listener per engine),
+        # Mooncake on kv_port + rank * tp (tp workers +0 .. +tp-1; we bind the first).
         nixl_port = env.get("VLLM_NIXL_SIDE_CHANNEL_PORT", "").strip()
-        if nixl_port:
+        if kv.connector == "NixlConnector" or nixl_port:
             try:
-                base = int(nixl_port)
+                base = int(nixl_port) if nixl_port else DEFAULT_NIXL_PORT
             except ValueError:
                 err(f"VLLM_NIXL_SIDE_CHANNEL_PORT={nixl_port!r} is not an integer")
-            a.kv_ports = [base + i * a.tp for i in range(len(a.ranks))]
+            a.kv_ports = [base + r for r in a.ranks]
         else:
-            base = DEFAULT_NIXL_PORT if kv.connector == "NixlConnector" else kv.port
-            try:
-                local0 = int(env.get("PD_EMU_DP_RANK_LOCAL", "0") or 0)
-            except ValueError:
-                err(f"PD_EMU_DP_RANK_LOCAL={env.get('PD_EMU_DP_RANK_LOCAL')!r} is not an integer")
-            a.kv_ports = [base + (local0 + i) * a.tp for i in range(len(a.ranks))]
+            a.kv_ports = [kv.port + r * a.tp for r in a.ranks]
         if any(not 0 < p < 65536 for p in a.kv_ports):
             err(f"KV listen ports {a.kv_ports} out of range")
     a.kv_host = (

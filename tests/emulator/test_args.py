@@ -32,7 +32,7 @@ def run_cli(argv, env=None, timeout=20):
 
 
 def test_planner_argv_external_dp_rank():
-    a = A.parse(PLANNER_ARGV, env={"PD_EMU_DP_RANK_LOCAL": "1"})
+    a = A.parse(PLANNER_ARGV, env={})
     assert a.model == "/models/demo" and a.served_name == "demo"
     assert (a.host, a.port, a.max_num_seqs, a.tp, a.dp) == ("127.0.1.1", 7100, 8, 1, 4)
     assert a.dp_mode == "external" and a.ranks == [1] and not a.dp_master
@@ -57,10 +57,10 @@ def test_internal_dp_master_and_headless_ranks_and_ports():
     assert m.kv_ports == [36200, 36202]
     h = A.parse(base + ["--headless", "--data-parallel-start-rank", "2"], env={})
     assert h.ranks == [2, 3] and h.headless and not h.dp_master
-    assert h.kv_ports == [36200, 36202] and h.kv_host == "127.0.1.5"
+    assert h.kv_ports == [36204, 36206] and h.kv_host == "127.0.1.5"  # kv_port + rank * tp
     n = A.parse(base, env={"VLLM_NIXL_SIDE_CHANNEL_PORT": "5700",
                            "VLLM_NIXL_SIDE_CHANNEL_HOST": "127.0.1.9"})
-    assert n.kv_ports == [5700, 5702] and n.kv_host == "127.0.1.9"
+    assert n.kv_ports == [5700, 5701] and n.kv_host == "127.0.1.9"  # NIXL: base + rank
 
 
 def test_single_aggregated_engine_and_flag_spellings():

@@ -57,7 +57,9 @@ def test_tutorial_decode_second_node_rank_17():
     assert cfg["kv_connector_extra_config"] == EXTRA
     assert "kv_rank" not in cfg and "kv_parallel_size" not in cfg
     assert p["env"]["ASCEND_RT_VISIBLE_DEVICES"] == "1"
-    assert {"host": "10.0.0.4", "port": 36201, "use": "kv"} in p["ports"]
+    # vLLM-Ascend's Mooncake: kv_port + global DP rank * tp
+    assert {"host": "10.0.0.4", "port": 36217, "use": "kv"} in p["ports"]
+    assert p["env"]["VLLM_HOST_IP"] == "10.0.0.4"
 
 
 def test_tutorial_ranks_ports_and_upstreams():
@@ -151,8 +153,9 @@ def test_vllm_nixl_flavour():
                    "engine_id": "t-D1"}
     assert p["env"]["CUDA_VISIBLE_DEVICES"] == "1"
     assert p["env"]["VLLM_NIXL_SIDE_CHANNEL_HOST"] == "127.0.1.3"
-    # D1 is the second instance sharing base 5600: 5700; local rank 1: +1
-    assert p["env"]["VLLM_NIXL_SIDE_CHANNEL_PORT"] == "5701"
+    # D1 is the second instance sharing base 5600: 5700; vLLM adds the global DP rank
+    assert p["env"]["VLLM_NIXL_SIDE_CHANNEL_PORT"] == "5700"
+    assert {"host": "127.0.1.3", "port": 5703, "use": "nixl"} in p["ports"]
     assert "ASCEND_RT_VISIBLE_DEVICES" not in p["env"]
     assert specs["d2"]["D"]["checks"]["devices"] == ["/dev/nvidia0", "/dev/nvidia1",
                                                     "/dev/nvidiactl"]
@@ -167,7 +170,7 @@ def test_emulator_gets_exactly_the_vllm_flags():
             assert b["argv"][:5] == ["/venv/bin/python", "-m", "pd_launcher.emulator", "serve",
                                      "/models/m"]
             assert a["argv"][3:] == b["argv"][5:]
-            assert b["env"]["PD_EMU_DP_RANK_LOCAL"] in ("0", "1")
+            assert a["ports"] == b["ports"]
         assert emu[host][role]["checks"]["devices"] == []
 
 
