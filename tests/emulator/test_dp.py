@@ -82,10 +82,11 @@ def test_internal_dp_with_headless_node_moves_kv_from_the_headless_rank(emu_fact
     h = emu_factory("headless", worker, api, common + [
         "--headless", "--data-parallel-start-rank", "2"], env={"PD_EMU_STARTUP_S": "0.8"})
     h.wait_log("headless: no API server")
-    assert not connectable(worker, kv)  # the headless readiness probe: closed until ready
+    # ranks 2 and 3 listen on kv_port + rank (tp 1), as vLLM-Ascend's Mooncake does
+    assert not connectable(worker, kv + 2)  # the headless readiness probe: closed until ready
     m.wait_ready()
-    h.wait_log(rf"ready: headless; KV listeners \[{kv}, {kv + 1}\] open")
-    assert connectable(worker, kv) and connectable(worker, kv + 1)
+    h.wait_log(rf"ready: headless; KV listeners \[{kv + 2}, {kv + 3}\] open")
+    assert connectable(worker, kv + 2) and connectable(worker, kv + 3)
     assert not connectable(worker, api)  # headless never binds --port
     d = emu_factory("decode", dec, api, [
         "--served-model-name", "demo",
@@ -98,7 +99,7 @@ def test_internal_dp_with_headless_node_moves_kv_from_the_headless_rank(emu_fact
             "do_remote_decode": True}))[2]["kv_transfer_params"]
         rank = int(kvp["remote_engine_id"].rsplit("_dp", 1)[1])
         assert kvp["remote_host"] == (master if rank < 2 else worker)
-        assert kvp["remote_port"] == kv + rank % 2
+        assert kvp["remote_port"] == kv + rank
         seen.add(rank)
         got = d.post("/v1/completions", dict(body, kv_transfer_params=kvp))[2]
         assert got["choices"][0]["text"] == a.post("/v1/completions", body)[2][
