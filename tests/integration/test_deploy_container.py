@@ -3,8 +3,8 @@
 site --check -> site (the image tarball copied to ONE node by the controller, passed
 on node to node over HTTP with its sha256 checked, loaded, removed) -> requests
 through the proxy -> site again (changed=0, nothing loaded) -> status -> podman kill
-one engine container -> status -> cleanup (only this cluster's labelled containers;
-decoys survive) -> cleanup again (no-op) -> site again -> cleanup.
+one engine container -> status -> site recreates it -> cleanup (only this cluster's
+labelled containers; decoys survive) -> cleanup again (no-op) -> site again -> cleanup.
 
 Needs root, podman + runc + catatonit (.ci/setup-podman.sh) and the test image
 (built once by .ci/build-test-image.sh into var/images/, ~1.5 min; cached after).
@@ -162,6 +162,14 @@ def _cycle(cluster: Cluster, stores: dict[str, NodeStore], tarball, image_id: st
     assert rows["d1b/D"][4].startswith("exited"), rows["d1b/D"]
     assert rows["d1b/D"][5].startswith("0/"), rows["d1b/D"]
     assert rows["d1a/D"][4] == "running", rows["d1a/D"]
+
+    # converge: site removes the exited container and starts a new one, nothing else
+    fix = cluster.playbook("site.yml", "--limit", "localhost,d1b")
+    assert "is exited (exit code 137)" in fix.stdout
+    now = {h: _ours(s)[0]["Id"] for h, s in stores.items()}
+    assert now["d1b"] != ids["d1b"] and _ours(stores["d1b"])[0]["State"] == "running"
+    assert {h: i for h, i in now.items() if h != "d1b"} == {
+        h: i for h, i in ids.items() if h != "d1b"}
 
     cluster.playbook("cleanup.yml")
     for host, store in stores.items():
