@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
         from pd_launcher.launcher.cli import main as node_main
 
         return node_main([cmd] + rest)
-    sys.stderr.write("pd_launcher: unknown command %r\n%s" % (cmd, USAGE))
+    sys.stderr.write(f"pd_launcher: unknown command {cmd!r}\n{USAGE}")
     return 2
 
 

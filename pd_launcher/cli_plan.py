@@ -103,7 +103,8 @@ def render_text(doc: dict[str, Any]) -> str:
               f"#   prefill upstreams: {' '.join(p['prefill'])}",
               f"#   decode upstreams:  {' '.join(p['decode'])}", ""]
     for host, node in doc["nodes"].items():
-        ranks = f" dp ranks {node['dp_ranks'][0]}..{node['dp_ranks'][-1]}" if node["dp_ranks"] else ""
+        dp = node["dp_ranks"]
+        ranks = f" dp ranks {dp[0]}..{dp[-1]}" if dp else ""
         master = " (master)" if node["master"] else ""
         lines.append(f"## {host} {node['ip']} role {'+'.join(node['roles'])} "
                      f"instance {node['instance'] or '-'}{master}{ranks}")

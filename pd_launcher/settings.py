@@ -60,7 +60,8 @@ VARIABLES: dict[str, tuple[Any, str, str]] = {
     "pd_devices_per_node": (8, "host", "Number of devices assumed when `devices` is not set."),
     "pd_api_port": (7100, "instance", "First API port on a node; DP rank j of a node uses "
                     "pd_api_port + j (external DP)."),
-    "pd_dp_rpc_port": (12321, "instance", "--data-parallel-rpc-port, bound on the instance master."),
+    "pd_dp_rpc_port": (12321, "instance", "--data-parallel-rpc-port, bound on the instance "
+                       "master."),
     "pd_kv_port": (None, "instance", "KV transfer base port. Default 36000 (Mooncake) or 5600 "
                    "(NIXL). Instances with the same base get distinct ranges: base + k * "
                    "pd_kv_port_stride for the k-th such instance. A node uses base .. base + "

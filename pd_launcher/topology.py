@@ -197,7 +197,8 @@ def build_plan(
     cluster = cluster_r.text("pd_cluster_name") or "pd"
     version = version_tuple(cluster_r.raw("pd_vllm_version"))
     if version is None:
-        cluster_r.fail("pd_vllm_version", f"cannot read version {cluster_r.raw('pd_vllm_version')!r}")
+        raw = cluster_r.raw("pd_vllm_version")
+        cluster_r.fail("pd_vllm_version", f"cannot read version {raw!r}")
         version = (0, 33, 0)
 
     node_ips: dict[str, str] = {}
@@ -316,7 +317,8 @@ def _instance(
     model = mr.text("pd_model_path")
     if not model:
         mr.fail("pd_model_path", "is required (the model directory on the nodes)")
-    served = mr.text("pd_served_model_name") or (os.path.basename(model.rstrip("/")) if model else "")
+    default_name = os.path.basename(model.rstrip("/")) if model else ""
+    served = mr.text("pd_served_model_name") or default_name
     api_port = mr.port("pd_api_port")
     rpc_port = mr.port("pd_dp_rpc_port")
     connector = mr.text("pd_connector") or (

@@ -6,8 +6,8 @@ addresses). Each cluster is the local inventory's shape on its own loopback subn
 from __future__ import annotations
 
 import os
-import signal
 import shutil
+import signal
 
 import pytest
 
