@@ -39,7 +39,7 @@ if up_to_date; then
 fi
 [ "$(id -u)" = 0 ] || { log "must run as root (debootstrap, rootful podman)"; exit 1; }
 # Concurrent callers (parallel test sessions): one builds, the others wait and reuse.
-mkdir -p "$(dirname "$(readlink -f "$out")")"
+mkdir -p "$(dirname "$out")"   # readlink -f is empty while the parent is missing
 touch "$out.lock"     # mtime = when we started waiting
 exec 9>>"$out.lock"
 flock 9
