@@ -135,33 +135,26 @@ def alive(pid: int) -> bool:
     return st is not None and not st.zombie
 
 
-def session_members(sid: int) -> List[ProcStat]:
-    """Live (non-zombie) processes whose session id is `sid`."""
+def _live_processes() -> List[ProcStat]:
+    """Every live (non-zombie) process readable in /proc."""
     out: List[ProcStat] = []
     try:
         names = os.listdir("/proc")
     except OSError:
         return out
     for name in names:
-        if not name.isdigit():
-            continue
-        st = read_stat(int(name))
-        if st is not None and st.session == sid and not st.zombie:
-            out.append(st)
+        if name.isdigit():
+            st = read_stat(int(name))
+            if st is not None and not st.zombie:
+                out.append(st)
     return out
+
+
+def session_members(sid: int) -> List[ProcStat]:
+    """Live (non-zombie) processes whose session id is `sid`."""
+    return [st for st in _live_processes() if st.session == sid]
 
 
 def group_members(pgid: int) -> List[ProcStat]:
     """Live (non-zombie) processes in process group `pgid`."""
-    out: List[ProcStat] = []
-    try:
-        names = os.listdir("/proc")
-    except OSError:
-        return out
-    for name in names:
-        if not name.isdigit():
-            continue
-        st = read_stat(int(name))
-        if st is not None and st.pgrp == pgid and not st.zombie:
-            out.append(st)
-    return out
+    return [st for st in _live_processes() if st.pgrp == pgid]

@@ -171,6 +171,21 @@ def stream(url: str, body: dict[str, Any]) -> list[dict[str, Any]]:
     return [json.loads(e) for e in events[:-1]]
 
 
+def exercise_proxy(cluster: Cluster) -> None:
+    """Completions (plain and streaming) and chat through the deployed proxy."""
+    url = f"http://{cluster.proxy}/v1/completions"
+    body = {"model": "demo", "prompt": "The quick brown fox", "max_tokens": 12}
+    status, headers, raw = post(url, body)
+    assert status == 200 and b'"text"' in raw
+    assert headers.get("X-Request-Id")
+    events = stream(url, body)
+    assert len([e for e in events if e.get("choices")]) >= 12
+    chat = post(f"http://{cluster.proxy}/v1/chat/completions",
+                {"model": "demo", "messages": [{"role": "user", "content": "hi"}],
+                 "max_tokens": 5})
+    assert chat[0] == 200
+
+
 def port_open(host: str, port: int) -> bool:
     try:
         with socket.create_connection((host, port), 0.5):

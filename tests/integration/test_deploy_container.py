@@ -27,13 +27,12 @@ from tests.fixtures.podman_env import (
 from .deploy import (
     LAYOUT,
     Cluster,
+    exercise_proxy,
     make_cluster,
     port_open,
-    post,
     recap,
     start_decoy,
     status_rows,
-    stream,
     task_hosts,
     wait_until,
 )
@@ -126,17 +125,7 @@ def _cycle(cluster: Cluster, stores: dict[str, NodeStore], tarball, image_id: st
         assert labels["pd.node"] == host and len(labels["pd.spec-sha256"]) == 64
     assert list(cluster.root.glob("nodes/*/images/*")) == [], "tarballs left on the nodes"
 
-    url = f"http://{cluster.proxy}/v1/completions"
-    body = {"model": "demo", "prompt": "The quick brown fox", "max_tokens": 12}
-    status, headers, raw = post(url, body)
-    assert status == 200 and b'"text"' in raw
-    assert headers.get("X-Request-Id")
-    events = stream(url, body)
-    assert len([e for e in events if e.get("choices")]) >= 12
-    chat = post(f"http://{cluster.proxy}/v1/chat/completions",
-                {"model": "demo", "messages": [{"role": "user", "content": "hi"}],
-                 "max_tokens": 5})
-    assert chat[0] == 200
+    exercise_proxy(cluster)
 
     ids = {h: _ours(s)[0]["Id"] for h, s in stores.items()}
     again = cluster.playbook("site.yml")
@@ -188,6 +177,6 @@ def _cycle(cluster: Cluster, stores: dict[str, NodeStore], tarball, image_id: st
     # redeploy on nodes that keep the image: nothing loaded, units come back
     back = cluster.playbook("site.yml")
     assert "changed" not in task_hosts(back.stdout, "Load the image from the tarball")
-    assert post(url, body)[0] == 200
+    exercise_proxy(cluster)
     for host, store in stores.items():
         assert [c["State"] for c in _ours(store)] == ["running"], host

@@ -13,13 +13,12 @@ import pytest
 
 from .deploy import (
     Cluster,
+    exercise_proxy,
     make_cluster,
     port_open,
-    post,
     recap,
     start_decoy,
     status_rows,
-    stream,
     wait_until,
 )
 
@@ -46,17 +45,7 @@ def _cycle(cluster: Cluster, decoy_pid: int) -> None:
     first = cluster.playbook("site.yml")
     assert "answered 200" in first.stdout  # the proxy role's smoke request
 
-    url = f"http://{cluster.proxy}/v1/completions"
-    body = {"model": "demo", "prompt": "The quick brown fox", "max_tokens": 12}
-    status, headers, raw = post(url, body)
-    assert status == 200 and b'"text"' in raw
-    assert headers.get("X-Request-Id")
-    events = stream(url, body)
-    assert len([e for e in events if e.get("choices")]) >= 12
-    chat = post(f"http://{cluster.proxy}/v1/chat/completions",
-                {"model": "demo", "messages": [{"role": "user", "content": "hi"}],
-                 "max_tokens": 5})
-    assert chat[0] == 200
+    exercise_proxy(cluster)
 
     again = cluster.playbook("site.yml")
     changed = {h: r["changed"] for h, r in recap(again.stdout).items()}
@@ -91,7 +80,7 @@ def _cycle(cluster: Cluster, decoy_pid: int) -> None:
     assert {r["changed"] for r in recap(rerun.stdout).values()} == {0}
 
     cluster.playbook("site.yml")
-    assert post(url, body)[0] == 200
+    exercise_proxy(cluster)
 
 
 def _zombie(pid: int) -> bool:
