@@ -213,9 +213,9 @@ def cmd_wait(args: argparse.Namespace) -> int:
     from .ready import wait_ready
 
     spec = load_spec(args.spec)
-    state_dir = args.state_dir
-    if not state_dir and spec.dirs.get("state") and os.path.isdir(spec.dirs["state"]):
-        state_dir = spec.dirs["state"]
+    # The spec's state dir counts even before the launcher has created it: `wait`
+    # started right after `run` must not decide that there is no state to watch.
+    state_dir = args.state_dir or spec.dirs.get("state") or None
     log_dir = args.log_dir or spec.dirs.get("log")
     return wait_ready(spec, args.timeout, args.interval, log_dir, state_dir)
 
