@@ -34,6 +34,16 @@ CHAT = {"model": "demo-model",
         "min_tokens": 1, "stream": False, "temperature": 0.5, "tools": [],
         "response_format": {"type": "text"}}
 
+def read_rest(f) -> bytes:
+    """Every remaining chunk of a chunked response, until the terminating one."""
+    rest = b""
+    while True:
+        c = read_chunk(f)
+        if not c:
+            return rest
+        rest += c
+
+
 
 @pytest.fixture
 def pd(backends, proxy_factory):
@@ -136,12 +146,7 @@ def test_streaming_is_incremental(pd):
         assert len(d.chunk_times) == 1  # the backend has sent only its first chunk
         t_first = time.monotonic()
         d.gate.set()
-        rest = b""
-        while True:
-            c = read_chunk(f)
-            if not c:
-                break
-            rest += c
+        rest = read_rest(f)
         assert d.chunk_times[-1] > d.chunk_times[0]
         assert t_first < d.chunk_times[-1]
         assert rest.endswith(b"data: [DONE]\n\n")
@@ -159,12 +164,7 @@ def test_streaming_with_usage_fix_is_incremental(pd):
         first = read_chunk(f)
         assert b"t0" in first and len(d.chunk_times) == 1
         d.gate.set()
-        rest = b""
-        while True:
-            c = read_chunk(f)
-            if not c:
-                break
-            rest += c
+        rest = read_rest(f)
     finally:
         s.close()
     ev = sse_events(first + rest)
