@@ -26,7 +26,7 @@ vllm-venv:
 demo: venv
 	.ci/install-deps.sh demo
 	$(BIN)/ansible-playbook -i $(INVENTORY) site.yml
-	@$(BIN)/python -m pd_launcher.demo_request -i $(INVENTORY)
+	@$(BIN)/python -m pd_deploy.demo_request -i $(INVENTORY)
 
 demo-status: venv
 	$(BIN)/ansible-playbook -i $(INVENTORY) status.yml
@@ -35,10 +35,10 @@ demo-clean: venv
 	$(BIN)/ansible-playbook -i $(INVENTORY) cleanup.yml
 
 plan: venv
-	$(BIN)/python -m pd_launcher plan -i $(INVENTORY)
+	$(BIN)/python -m pd_deploy plan -i $(INVENTORY)
 
 lint: venv
-	$(BIN)/ruff check pd_launcher plugins tests bench
+	$(BIN)/ruff check pd_deploy pd_launcher plugins tests bench
 	$(BIN)/yamllint -s .
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/ansible-lint --profile production --offline -q site.yml status.yml cleanup.yml logs.yml playbooks roles
 

@@ -1,19 +1,18 @@
-"""`python -m pd_launcher <command>`.
+"""`python -m pd_launcher {run,stop,wait}` on a node: standard library only, Python >= 3.9.
 
-Controller commands (need PyYAML, Jinja2, ansible-core): plan.
-Node commands (standard library only, Python >= 3.9): run, stop, wait.
-Imports are lazy so the node path never touches a third-party module.
+The controller's commands (plan) live in the pd_deploy package: `pd-deploy plan`.
 """
 from __future__ import annotations
 
 import sys
 
-USAGE = """usage: python -m pd_launcher {plan,run,stop,wait} ...
+USAGE = """usage: python -m pd_launcher {run,stop,wait} ...
 
-  plan   -i INVENTORY [--format text|json] [--node HOST [--role P|D|C]]
   run    SPEC.json [--log-dir DIR] [--state-dir DIR] [--check]
   stop   --state-dir DIR [--grace SECONDS]
   wait   SPEC.json --timeout SECONDS
+
+The plan is a controller command: pd-deploy plan -i INVENTORY (python -m pd_deploy plan).
 """
 
 
@@ -23,10 +22,6 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.write(USAGE)
         return 0 if args else 2
     cmd, rest = args[0], args[1:]
-    if cmd == "plan":
-        from pd_launcher.cli_plan import main as plan_main
-
-        return plan_main(rest)
     if cmd in ("run", "stop", "wait"):
         from pd_launcher.launcher.cli import main as node_main
 

@@ -37,7 +37,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from pd_launcher.proxy import proxy_unit  # noqa: E402
+from pd_deploy.proxy_config import proxy_unit  # noqa: E402
 
 P_HOST, D_HOST, C_HOST = "127.0.1.141", "127.0.1.145", "127.0.1.149"
 MODEL = "bench-model"

@@ -19,8 +19,8 @@ _REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__
 if _REPO not in sys.path:
     sys.path.insert(0, _REPO)
 
-from pd_launcher import containers  # noqa: E402
-from pd_launcher.inventory import _plain  # noqa: E402
+from pd_deploy import containers  # noqa: E402
+from pd_deploy.inventory import _plain  # noqa: E402
 
 
 def _wrap(name: str, func):

@@ -17,11 +17,11 @@ _REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__
 if _REPO not in sys.path:
     sys.path.insert(0, _REPO)
 
-from pd_launcher.cli_plan import plan_document, public_document, render_text  # noqa: E402
-from pd_launcher.inventory import _plain  # noqa: E402
-from pd_launcher.settings import PlanInvalid  # noqa: E402
-from pd_launcher.status_table import pd_status_table  # noqa: E402
-from pd_launcher.topology import HOST_KEYS  # noqa: E402
+from pd_deploy.cli import plan_document, public_document, render_text  # noqa: E402
+from pd_deploy.inventory import _plain  # noqa: E402
+from pd_deploy.settings import PlanInvalid  # noqa: E402
+from pd_deploy.status_table import pd_status_table  # noqa: E402
+from pd_deploy.topology import HOST_KEYS  # noqa: E402
 
 
 def _vars_of(hostvars: Any, host: str) -> dict[str, Any]:

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from pd_launcher.cli_plan import plan_document
-from pd_launcher.inventory import load_inventory
+from pd_deploy.cli import plan_document
+from pd_deploy.inventory import load_inventory
 
 REPO = Path(__file__).resolve().parents[2]
 EMULATOR_PREFIX = ["-m", "pd_launcher.emulator", "serve"]

@@ -5,7 +5,7 @@
   decode engine (vLLM-shaped JSON / SSE), with fault injection: status codes,
   delays, dropped connections, a gate that holds a stream after its first chunk,
   and detection of the proxy closing the connection.
-* `Proxy`: renders pd_launcher.proxy.proxy_unit into a temporary run dir and runs
+* `Proxy`: renders pd_deploy.proxy_config.proxy_unit into a temporary run dir and runs
   nginx and the proxy agent exactly as the node launcher would (pre_start, then
   the processes' argv), on its own 127.0.1.x address.
 * `http()` / `stream()`: small synchronous clients (http.client / raw socket).
@@ -268,7 +268,7 @@ def backends(aloop):
 class Proxy:
     def __init__(self, tmp: Path, prefill: list[str], decode: list[str], options: dict,
                  agent: bool = True):
-        from pd_launcher.proxy import proxy_unit
+        from pd_deploy.proxy_config import proxy_unit
 
         self.host = PROXY_HOST
         self.port = free_port(self.host)

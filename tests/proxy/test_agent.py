@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 
-from pd_launcher.proxy import Agent, Metrics, _pairs
+from pd_launcher.proxy_agent import Agent, Metrics, _pairs
 from tests.proxy.harness import metric, parse_metrics
 
 POOLS = {

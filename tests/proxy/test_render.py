@@ -7,7 +7,8 @@ import subprocess
 
 import pytest
 
-from pd_launcher.proxy import ProxyConfigError, options_of, proxy_unit, render_upstreams
+from pd_deploy.proxy_config import ProxyConfigError, options_of, proxy_unit
+from pd_launcher.proxy_agent import render_upstreams
 from tests.proxy.harness import NGINX, needs_nginx
 
 BLOCK = {
@@ -58,7 +59,7 @@ def test_contract_shape(tmp_path):
         "ready": {"type": "http", "url": "http://127.0.1.9:7000/health"},
     }
     assert agent["name"] == "proxy-agent"
-    assert agent["argv"] == ["python3", "-m", "pd_launcher.proxy", "agent",
+    assert agent["argv"] == ["python3", "-m", "pd_launcher.proxy_agent",
                              d["run"] + "/proxy_agent.json"]
     assert agent["ports"] == [{"host": "127.0.1.9", "port": 7001, "use": "admin"}]
     assert agent["ready"] == {"type": "http", "url": "http://127.0.1.9:7000/health/agent"}

@@ -13,9 +13,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pd_launcher import containers as c
-from pd_launcher.cli_plan import plan_document
-from pd_launcher.status_table import unit_row
+from pd_deploy import containers as c
+from pd_deploy.cli import plan_document
+from pd_deploy.status_table import unit_row
 
 from .planfix import small
 

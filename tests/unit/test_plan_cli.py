@@ -1,4 +1,4 @@
-"""`python -m pd_launcher plan` on real inventory files (Ansible's inventory API)."""
+"""`python -m pd_deploy plan` (pd-deploy plan) on real inventory files (Ansible's inventory API)."""
 from __future__ import annotations
 
 import json
@@ -12,7 +12,7 @@ EXAMPLE = os.path.join(REPO, "inventories", "example", "inventory.yml")
 
 
 def plan(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pd_launcher", "plan", *args], cwd=REPO,
+    return subprocess.run([sys.executable, "-m", "pd_deploy", "plan", *args], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
 
 

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import pytest
 
-from pd_launcher.settings import PlanInvalid
-from pd_launcher.topology import build_plan
+from pd_deploy.settings import PlanInvalid
+from pd_deploy.topology import build_plan
 
-from .planfix import DELETE, mutate, small, tutorial
+from .planfix import BASE, DELETE, mutate, small, tutorial
 
 
 def errors_of(inp) -> list:
@@ -62,9 +62,109 @@ def test_host_in_both_p_and_d():
     assert_error((groups, hostvars), "p1", "groups", "both P and D")
 
 
-def test_duplicate_node_ips():
+def test_hosts_sharing_a_machine_may_not_share_devices():
+    # d2 on p1's machine with the same two devices: both hosts are named
     inp = mutate(small(), "d2", ansible_host="127.0.1.1", host_ip="127.0.1.2")
-    assert_error(inp, "d2", "node_ip", "also the node IP of p1")
+    assert_error(inp, "d2", "devices", "0,1 on 127.0.1.1 are also used by p1")
+
+
+def test_hosts_sharing_a_machine_may_not_share_ports():
+    # disjoint devices, but both serve on the default API port of the same address
+    inp = mutate(small(), "d2", ansible_host="127.0.1.1", host_ip="127.0.1.2",
+                 devices="2,3")
+    assert_error(inp, "d2", "pd_api_port", "is also bound by p1")
+
+
+def test_one_host_1p1d_like_the_guides():
+    # xLLM / FastDeploy single-host layout: P on devices 0-3, D on 4-7, own ports
+    groups = {"P": ["p"], "D": ["d"], "C": ["c"]}
+    common = dict(BASE, pd_kv_port=36000, pd_devices_per_node=4)
+    hostvars = {
+        "p": dict(common, ansible_host="127.0.1.1", devices="0,1,2,3", pd_tp=4),
+        "d": dict(common, ansible_host="127.0.1.1", devices="4,5,6,7", pd_tp=4,
+                  pd_api_port=7200, pd_dp_rpc_port=12400, pd_kv_port=37000),
+        "c": dict(common, ansible_host="127.0.1.1"),
+    }
+    plan = build_plan(groups, hostvars)
+    assert plan.nodes["p"].ip == plan.nodes["d"].ip == "127.0.1.1"
+    assert plan.upstreams("P") == ["127.0.1.1:7100"]
+    assert plan.upstreams("D") == ["127.0.1.1:7200"]
+
+
+def test_two_one_node_instances_on_one_machine():
+    groups = {"P": ["pa", "pb"], "D": ["d"], "C": ["c"]}
+    common = dict(BASE, pd_kv_port=36000, pd_devices_per_node=2)
+    hostvars = {
+        "pa": dict(common, ansible_host="127.0.1.1", devices="0,1"),
+        "pb": dict(common, ansible_host="127.0.1.1", devices="2,3", pd_api_port=7200,
+                   pd_dp_rpc_port=12400),
+        "d": dict(common, ansible_host="127.0.1.2"),
+        "c": dict(common, ansible_host="127.0.1.9"),
+    }
+    plan = build_plan(groups, hostvars)
+    assert [i.hosts for i in plan.instances if i.role == "P"] == [["pa"], ["pb"]]
+    assert plan.instance("P2").kv_port == 36100  # same base: the next range
+
+
+def test_host_ip_naming_a_shared_machine_is_ambiguous():
+    groups = {"P": ["pa", "pb", "pc"], "D": ["d"], "C": ["c"]}
+    common = dict(BASE, pd_kv_port=36000, pd_devices_per_node=1)
+    hostvars = {
+        "pa": dict(common, ansible_host="127.0.1.1", devices="0"),
+        "pb": dict(common, ansible_host="127.0.1.1", devices="1", pd_api_port=7200,
+                   pd_dp_rpc_port=12400),
+        "pc": dict(common, ansible_host="127.0.1.3", host_ip="127.0.1.1"),
+        "d": dict(common, ansible_host="127.0.1.2"),
+        "c": dict(common, ansible_host="127.0.1.9"),
+    }
+    assert_error((groups, hostvars), "pc", "host_ip", "several masters in group P (pa, pb)")
+
+
+def test_unknown_pd_variable_names_host_and_closest_name():
+    inp = mutate(small(), "c1", pd_proxy_max_inflght=10)
+    assert_error(inp, "c1", "pd_proxy_max_inflght", "unknown pd-deploy variable")
+    inp = mutate(small(), "c1", pd_proxy_max_fail=3)
+    assert_error(inp, "c1", "pd_proxy_max_fail", "did you mean pd_proxy_max_fails?")
+
+
+def test_unknown_variable_once_with_the_other_hosts():
+    errs = errors_of(mutate(small(), pd_ready_timout=5))
+    hits = [e for e in errs if e.field == "pd_ready_timout"]
+    assert len(hits) == 1 and hits[0].host == "p1"
+    assert "did you mean pd_ready_timeout?" in hits[0].message
+    assert "also set for d1, d2, c1" in hits[0].message
+
+
+def test_role_knobs_and_backend_variables_are_declared():
+    build_plan(*mutate(small(), pd_runtime="process", pd_ready_timeout=5, pd_image="x",
+                       pd_emulate="vllm", pd_vllm_version="0.33.0"))
+
+
+def test_all_errors_at_once_including_engine_rules():
+    # a generic error (bad port) and a backend rule (Mooncake random ports) together
+    errs = errors_of(mutate(small(), pd_kv_port=20000, pd_proxy_port=0))
+    fields = {(e.host, e.field) for e in errs}
+    assert ("p1", "pd_kv_port") in fields and ("c1", "pd_proxy_port") in fields
+
+
+def test_one_engine_family_per_cluster(monkeypatch):
+    from pd_deploy.engines import base, by_engine, registry
+
+    class Other(base.Backend):
+        name = "other"
+        engines = ("other-engine",)
+
+    registry.cache_clear()
+    by_engine.cache_clear()
+    monkeypatch.setattr("pd_deploy.engines.BACKENDS",
+                        ("pd_deploy.engines.vllm:VllmBackend",))
+    monkeypatch.setattr("pd_deploy.engines.registry",
+                        lambda: {"vllm": registry.__wrapped__()["vllm"], "other": Other()})
+    try:
+        inp = mutate(small(), "d1", pd_engine="other-engine")
+        assert_error(inp, "d1", "pd_engine", "one cluster runs one engine family")
+    finally:
+        by_engine.cache_clear()
 
 
 def test_devices_not_divisible_by_tp():

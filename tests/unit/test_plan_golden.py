@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import json
 
-from pd_launcher.ascend_rules import mooncake_extra_config_errors
-from pd_launcher.engines import node_specs
-from pd_launcher.topology import build_plan
+from pd_deploy.engines.ascend_rules import mooncake_extra_config_errors
+from pd_deploy.specs import node_specs
+from pd_deploy.topology import build_plan
 
 from .planfix import flag, kv_config, mutate, small, tutorial
 

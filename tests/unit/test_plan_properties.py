@@ -6,8 +6,8 @@ from collections import Counter
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pd_launcher.engines import node_specs
-from pd_launcher.topology import build_plan
+from pd_deploy.specs import node_specs
+from pd_deploy.topology import build_plan
 
 
 @st.composite
@@ -72,7 +72,7 @@ def test_generated_topologies_are_consistent(inp):
             assert len(set(used)) == len(used)
             env_devs = []
             for proc in specs[h][node.role]["processes"]:
-                key = ("ASCEND_RT_VISIBLE_DEVICES" if inst.flavour == "vllm-ascend"
+                key = ("ASCEND_RT_VISIBLE_DEVICES" if inst.opts["flavour"] == "vllm-ascend"
                        else "CUDA_VISIBLE_DEVICES")
                 env_devs += proc["env"][key].split(",")
             assert sorted(env_devs, key=int) == sorted(node.devices, key=int)

@@ -4,14 +4,14 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from pd_launcher.settings import markdown_table
+from pd_deploy.settings import markdown_reference
 
 REPO = Path(__file__).resolve().parents[2]
 README = (REPO / "README.md").read_text()
 
 
 def test_inventory_reference_is_the_code_table():
-    for row in markdown_table().splitlines():
+    for row in markdown_reference().splitlines():
         assert row in README, f"README lacks: {row}"
 
 

@@ -1,6 +1,6 @@
 """Send one streaming request through the deployed proxy and say how to reach/remove it.
 
-`python -m pd_launcher.demo_request -i INVENTORY` (what `make demo` runs last).
+`python -m pd_deploy.demo_request -i INVENTORY` (what `make demo` runs last).
 """
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import sys
 import time
 import urllib.request
 
-from pd_launcher.cli_plan import plan_document
-from pd_launcher.inventory import load_inventory
+from pd_deploy.cli import plan_document
+from pd_deploy.inventory import load_inventory
 
 
 def stream(listen: str, model: str, prompt: str, max_tokens: int, api_key: str | None) -> int:
@@ -47,7 +47,7 @@ def stream(listen: str, model: str, prompt: str, max_tokens: int, api_key: str |
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pd_launcher.demo_request")
+    parser = argparse.ArgumentParser(prog="python -m pd_deploy.demo_request")
     parser.add_argument("-i", "--inventory", required=True)
     parser.add_argument("--prompt", default="Explain prefill/decode disaggregation in one line:")
     parser.add_argument("--max-tokens", type=int, default=24)

@@ -1,6 +1,7 @@
-"""Build the node-side bundle: a reproducible tarball of the pd_launcher package.
+"""Build the node-side bundle: a reproducible tarball of the pd_launcher package only
+(the controller package pd_deploy never reaches the nodes).
 
-`python -m pd_launcher.bundle OUT_DIR` writes OUT_DIR/pd_launcher.tar.gz only when its
+`python -m pd_deploy.bundle OUT_DIR` writes OUT_DIR/pd_launcher.tar.gz only when its
 content changed (same sources -> same bytes, so Ansible's copy reports changed=0),
 and prints `written <sha256>` or `unchanged <sha256>`.
 """
@@ -13,7 +14,9 @@ import os
 import sys
 import tarfile
 
-PACKAGE = os.path.dirname(os.path.abspath(__file__))
+import pd_launcher
+
+PACKAGE = os.path.dirname(os.path.abspath(pd_launcher.__file__))
 SKIP_DIRS = {"__pycache__"}
 
 
@@ -42,7 +45,7 @@ def build() -> bytes:
 
 def main(argv: list[str]) -> int:
     if len(argv) != 1:
-        sys.stderr.write("usage: python -m pd_launcher.bundle OUT_DIR\n")
+        sys.stderr.write("usage: python -m pd_deploy.bundle OUT_DIR\n")
         return 2
     os.makedirs(argv[0], exist_ok=True)
     target = os.path.join(argv[0], "pd_launcher.tar.gz")

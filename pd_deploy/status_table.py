@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from pd_launcher.containers import image_id, parse_ps
+from pd_deploy.containers import image_id, parse_ps
 
 COLUMNS = ("node", "role", "instance", "dp ranks", "state", "health", "ports", "uptime", "image")
 

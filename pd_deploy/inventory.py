@@ -18,7 +18,7 @@ def load_inventory(path: str, extra_vars: dict[str, Any] | None = None
     from ansible.template import Templar
     from ansible.vars.manager import VariableManager
 
-    from pd_launcher.topology import HOST_KEYS
+    from pd_deploy.topology import HOST_KEYS
 
     if not os.path.exists(path):
         raise FileNotFoundError(f"inventory {path} does not exist")

@@ -1,4 +1,5 @@
-"""`python -m pd_launcher plan -i INVENTORY [--format text|json] [--node HOST [--role R]]`."""
+"""`pd-deploy plan -i INVENTORY [--format text|json] [--node HOST [--role R]]`
+(also `python -m pd_deploy plan ...`)."""
 from __future__ import annotations
 
 import argparse
@@ -7,23 +8,23 @@ import shlex
 import sys
 from typing import Any
 
-from pd_launcher.settings import PlanInvalid
-
-SECRET_WORDS = ("KEY", "TOKEN", "SECRET", "PASSWORD")
+from pd_deploy.masking import mask_argv, mask_env, mask_options
+from pd_deploy.settings import PlanInvalid
 
 
 def plan_document(groups: dict[str, list[str]], hostvars: dict[str, dict[str, Any]]
                   ) -> dict[str, Any]:
     """The JSON contract: nodes (every process of every host), instances, proxy, specs."""
-    from pd_launcher.engines import node_specs, proxy_block
-    from pd_launcher.topology import build_plan
+    from pd_deploy.specs import front_door, node_specs, proxy_block, services, unit_phase
+    from pd_deploy.topology import build_plan
 
     plan = build_plan(groups, hostvars)
     specs = node_specs(plan)
     nodes: dict[str, Any] = {}
-    for host, by_role in specs.items():
-        roles = [r for r in ("P", "D", "C") if r in by_role]
-        main = by_role[roles[0]]
+    for host, by_unit in specs.items():
+        roles = [r for r in ("P", "D", "C") if any(s["role"] == r for s in by_unit.values())]
+        engine_units = [u for u in ("P", "D") if u in by_unit]
+        main = by_unit[engine_units[0] if engine_units else next(iter(by_unit))]
         node = plan.nodes.get(host)
         nodes[host] = {
             "role": roles[0],
@@ -33,9 +34,10 @@ def plan_document(groups: dict[str, list[str]], hostvars: dict[str, dict[str, An
             "master": main["master"],
             "dp_ranks": [r.rank for r in node.ranks] if node else [],
             "devices": node.devices if node else [],
-            "processes": [dict(p, role=r) for r in roles for p in by_role[r]["processes"]],
+            "processes": [_row(u, s, p) for u, s in _by_start(by_unit) for p in s["processes"]],
         }
     proxy = proxy_block(plan, plan.proxies[0])
+    door = front_door(plan)
     return {
         "cluster": plan.cluster,
         "instances": [
@@ -48,36 +50,37 @@ def plan_document(groups: dict[str, list[str]], hostvars: dict[str, dict[str, An
         "proxy": {
             "listen": plan.proxies[0].listen,
             "listens": [p.listen for p in plan.proxies],
-            "prefill": proxy["prefill"],
-            "decode": proxy["decode"],
-            "options": _masked(proxy["options"]),
+            "prefill": proxy.get("prefill", []),
+            "decode": proxy.get("decode", []),
+            "options": mask_options(proxy["options"]),
         },
+        "engine": plan.backend.name,
+        "front_door": {"mode": door.mode, "router": door.router, "entry": door.entry},
+        "services": [
+            {"name": s.name, "phase": s.phase, "hosts": s.hosts,
+             "ports": [q for p in s.processes for q in p.get("ports", [])]}
+            for s in services(plan)
+        ],
+        "units": {host: {u: unit_phase(s) for u, s in by_unit.items()}
+                  for host, by_unit in specs.items()},
         "specs": specs,
     }
 
 
-def _masked(options: dict[str, Any]) -> dict[str, Any]:
-    return {k: ("***" if "key" in k and v else v) for k, v in options.items()}
+def _by_start(by_unit: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """A host's units in start order: before-engines services, engines, after-engines
+    services, the front door."""
+    from pd_deploy.specs import unit_phase
+
+    order = ("before-engines", "engines", "after-engines", "front-door")
+    return sorted(by_unit.items(), key=lambda kv: order.index(unit_phase(kv[1])))
 
 
-def mask_argv(argv: list[str]) -> list[str]:
-    out, hide = [], False
-    for arg in argv:
-        if hide:
-            out.append("***")
-            hide = False
-        elif arg == "--api-key":
-            out.append(arg)
-            hide = True
-        elif arg.startswith("--api-key="):
-            out.append("--api-key=***")
-        else:
-            out.append(arg)
-    return out
-
-
-def mask_env(env: dict[str, str]) -> dict[str, str]:
-    return {k: ("***" if any(w in k.upper() for w in SECRET_WORDS) else v) for k, v in env.items()}
+def _row(unit: str, spec: dict[str, Any], proc: dict[str, Any]) -> dict[str, Any]:
+    row = dict(proc, role=spec["role"])
+    if unit not in ("P", "D", "C"):
+        row["unit"] = unit
+    return row
 
 
 def public_document(doc: dict[str, Any]) -> dict[str, Any]:
@@ -118,19 +121,20 @@ def render_text(doc: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pd_launcher plan",
+def plan_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="pd-deploy plan",
                                      description="Show the deployment plan of an inventory.")
     parser.add_argument("-i", "--inventory", required=True)
     parser.add_argument("--format", choices=("text", "json"), default="text")
     parser.add_argument("--node", help="print this host's node spec (launcher input) as JSON")
-    parser.add_argument("--role", choices=("P", "D", "C"),
-                        help="with --node: which spec of a host that is both engine and proxy")
+    parser.add_argument("--role", "--unit", dest="role", metavar="UNIT",
+                        help="with --node: which unit of the host: P, D, C (the front door) "
+                        "or a service name (default: its engine unit, else its first)")
     parser.add_argument("-e", "--extra-vars", action="append", default=[],
                         help="KEY=VALUE overrides, as ansible-playbook -e")
     args = parser.parse_args(argv)
 
-    from pd_launcher.inventory import load_inventory
+    from pd_deploy.inventory import load_inventory
 
     extra = dict(kv.split("=", 1) for kv in args.extra_vars if "=" in kv)
     try:
@@ -149,9 +153,10 @@ def main(argv: list[str]) -> int:
         if by_role is None:
             sys.stderr.write(f"plan: {args.node} is not a host of groups P, D or C\n")
             return 2
-        role = args.role or doc["nodes"][args.node]["role"]
+        role = args.role or next((u for u in ("P", "D", "C") if u in by_role), next(iter(by_role)))
         if role not in by_role:
-            sys.stderr.write(f"plan: {args.node} has no {role} role ({'/'.join(by_role)})\n")
+            sys.stderr.write(f"plan: {args.node} has no {role} unit (it has: "
+                             f"{'/'.join(by_role)})\n")
             return 2
         print(json.dumps(by_role[role], indent=2))
         return 0
@@ -160,3 +165,22 @@ def main(argv: list[str]) -> int:
     else:
         print(render_text(doc))
     return 0
+
+
+USAGE = """usage: pd-deploy {plan} ...   (or python -m pd_deploy)
+
+  plan   -i INVENTORY [--format text|json] [--node HOST [--role R]] [-e KEY=VALUE]
+
+Node-side commands run on the nodes: python -m pd_launcher {run,stop,wait}.
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help"):
+        sys.stdout.write(USAGE)
+        return 0 if args else 2
+    if args[0] == "plan":
+        return plan_main(args[1:])
+    sys.stderr.write(f"pd-deploy: unknown command {args[0]!r}\n{USAGE}")
+    return 2

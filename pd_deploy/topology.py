@@ -1,34 +1,35 @@
 """The one model of the cluster: inventory data -> validated ClusterPlan.
 
 Pure: takes the groups and hostvars Ansible has, returns a ClusterPlan or raises
-PlanInvalid with every error found (each naming the host and the field). All rank,
-port, device-slice and upstream arithmetic of pd-deploy lives here.
+PlanInvalid with every error found (each naming the host and the field). The
+engine-neutral arithmetic of pd-deploy lives here: instances and their masters, DP
+ranks, device slices, API/RPC/KV port ranges, upstream lists and clash checks. What
+differs per engine (defaults, rules, processes) is asked of the instance's backend
+(pd_deploy/engines/, docs/engines.md).
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
-from pd_launcher.settings import (
+from pd_deploy.settings import (
     BALANCE_POLICIES,
     DP_MODES,
-    ENGINES,
     PlanError,
     PlanInvalid,
     Reader,
+    declared,
+    unknown_variable,
 )
+
+if TYPE_CHECKING:  # pragma: no cover (the backends import this module)
+    from pd_deploy.engines.base import Backend
 
 ROLES = ("P", "D")
 HOST_KEYS = ("ansible_host", "host_ip", "node_ip", "devices", "nic")  # non-pd_ inventory vars
-MOONCAKE_RANDOM_BASE = 20000  # Mooncake takes random ports in [20000, 20000 + chips*1000)
-OWNED_FLAGS = (
-    "--host", "--port", "--served-model-name", "--tensor-parallel-size", "-tp",
-    "--data-parallel-size", "-dp", "--data-parallel-rank", "-dpn", "--data-parallel-size-local",
-    "-dpl", "--data-parallel-start-rank", "-dpr", "--data-parallel-address", "-dpa",
-    "--data-parallel-rpc-port", "-dpp", "--headless", "--kv-transfer-config", "--api-key",
-    "--data-parallel-external-lb", "--data-parallel-hybrid-lb",
-)
+FRONT_DOORS = ("nginx", "none")
+INSTANCE_WIDE = ("pd_engine", "pd_dp_mode", "pd_tp", "pd_model_path")
 
 
 @dataclass
@@ -64,19 +65,18 @@ class Instance:
     master: str
     master_ip: str
     hosts: list[str]
-    engine: str
-    flavour: str  # vllm-ascend | vllm: whose flags (the emulator borrows one)
+    engine: str  # the pd_engine value; the backend is ClusterPlan.backend
     dp_mode: str
     tp: int
     dp_size: int
     model_path: str
     served_model_name: str
-    connector: str
     api_port: int
     dp_rpc_port: int
     kv_port: int
     extra_args: list[str]
     env: dict[str, str]
+    opts: dict[str, Any] = field(default_factory=dict)  # the backend's instance settings
 
     @property
     def engine_id(self) -> str:
@@ -102,22 +102,34 @@ class ProxyHost:
 @dataclass
 class ClusterPlan:
     cluster: str
-    vllm_version: tuple[int, ...]
+    backend: Backend
+    options: dict[str, Any]  # the backend's cluster settings
     instances: list[Instance]
     nodes: dict[str, Node]
     proxies: list[ProxyHost]
-    prefill_upstreams: list[str]
-    decode_upstreams: list[str]
     proxy_options: dict[str, Any]
+    front_door: str = "nginx"
     engine_api_key: str | None = field(default=None, repr=False)
 
     def instance(self, name: str) -> Instance:
         return next(i for i in self.instances if i.name == name)
 
     def shape(self, role: str) -> tuple[int, int]:
-        """(dp_size, tp) of the role's instances (validated equal with Mooncake)."""
+        """(dp_size, tp) of the role's first instance."""
         first = next(i for i in self.instances if i.role == role)
         return first.dp_size, first.tp
+
+    def upstreams(self, role: str) -> list[str]:
+        """host:port of every API-serving rank of the role's instances, in plan order."""
+        return _upstreams(role, self.instances, self.nodes)
+
+    @property
+    def prefill_upstreams(self) -> list[str]:
+        return self.upstreams("P")
+
+    @property
+    def decode_upstreams(self) -> list[str]:
+        return self.upstreams("D")
 
 
 # ---------------------------------------------------------------- helpers
@@ -164,9 +176,9 @@ def version_tuple(text: str) -> tuple[int, ...] | None:
     return tuple(parts) if parts else None
 
 
-def _own_flag(arg: str) -> str | None:
+def _own_flag(arg: str, owned: tuple[str, ...]) -> str | None:
     name = arg.split("=", 1)[0]
-    return name if name in OWNED_FLAGS else None
+    return name if name in owned else None
 
 
 @dataclass
@@ -193,13 +205,12 @@ def build_plan(
         errors.append(PlanError(host, "groups", "host is in both P and D"))
 
     readers = {h: Reader(h, hostvars.get(h, {}) or {}, errors) for h in _all_hosts(groups)}
+    _check_declared(readers)
     cluster_r = readers[next(iter(readers))] if readers else Reader("cluster", {}, errors)
     cluster = cluster_r.text("pd_cluster_name") or "pd"
-    version = version_tuple(cluster_r.raw("pd_vllm_version"))
-    if version is None:
-        raw = cluster_r.raw("pd_vllm_version")
-        cluster_r.fail("pd_vllm_version", f"cannot read version {raw!r}")
-        version = (0, 33, 0)
+    front_door = cluster_r.text("pd_front_door", FRONT_DOORS) or "nginx"
+    backend = _cluster_backend(groups, readers, cluster_r)
+    options = backend.cluster_options(cluster_r) if backend else {}
 
     node_ips: dict[str, str] = {}
     for host, r in readers.items():
@@ -207,7 +218,6 @@ def build_plan(
         ip = r.ip("node_ip", r.raw("node_ip") or ansible_host)
         if ip:
             node_ips[host] = ip
-    _check_duplicate_ips(groups, node_ips, errors)
 
     instances: list[Instance] = []
     nodes: dict[str, Node] = {}
@@ -215,29 +225,36 @@ def build_plan(
         hosts = groups.get(role, [])
         members = [_HostIn(h, role, readers[h], node_ips.get(h),
                            readers[h].ip("host_ip") or node_ips.get(h)) for h in hosts]
-        instances += _group_instances(role, members, nodes, errors)
+        instances += _group_instances(role, members, nodes, errors, backend)
+    _check_shared_machines(groups, node_ips, nodes, readers)
 
-    _assign_kv_ports(instances, nodes, readers, cluster_r)
     proxies = [_proxy_host(h, readers[h], node_ips.get(h)) for h in groups.get("C", [])]
     proxies = [p for p in proxies if p is not None]
-    _check_mooncake_shapes(instances, readers, cluster_r)
-    _check_ports(instances, nodes, proxies, readers)
+    if backend is not None:
+        _assign_kv_ports(instances, nodes, readers, cluster_r, backend)
+        _check_ports(instances, nodes, proxies if front_door != "none" else [], readers,
+                     backend)
 
-    if errors:
+    if backend is None or not groups.get("C"):
         raise PlanInvalid(_dedupe(errors))
-
     proxy_r = readers[groups["C"][0]]
-    return ClusterPlan(
+    plan = ClusterPlan(
         cluster=cluster,
-        vllm_version=version,
+        backend=backend,
+        options=options,
         instances=instances,
         nodes=nodes,
         proxies=proxies,
-        prefill_upstreams=_upstreams("P", instances, nodes),
-        decode_upstreams=_upstreams("D", instances, nodes),
         proxy_options=proxy_options(proxy_r),
+        front_door=front_door,
         engine_api_key=cluster_r.raw("pd_engine_api_key"),
     )
+    backend.validate(plan, readers)  # also on a plan with errors: report them all at once
+    if not errors:
+        _check_service_ports(plan, readers)
+    if errors:
+        raise PlanInvalid(_dedupe(errors))
+    return plan
 
 
 def _all_hosts(groups: Mapping[str, list[str]]) -> list[str]:
@@ -257,61 +274,124 @@ def _dedupe(errors: list[PlanError]) -> list[PlanError]:
     return out
 
 
-def _check_duplicate_ips(
-    groups: Mapping[str, list[str]], node_ips: dict[str, str], errors: list[PlanError]
-) -> None:
-    owner: dict[str, str] = {}
-    for host in _all_hosts({"P": groups.get("P", []), "D": groups.get("D", [])}):
-        ip = node_ips.get(host)
-        if ip is None:
+def _check_declared(readers: Mapping[str, Reader]) -> None:
+    """A pd_ variable no backend, core table or role declares is a typo or a knob that
+    does not exist: an error naming the host, the variable and the closest known name
+    (once per variable; the other hosts that have it are listed)."""
+    known = declared()
+    where: dict[str, list[str]] = {}
+    for host, r in readers.items():
+        names = r.vars.keys() if hasattr(r.vars, "keys") else ()
+        for name in sorted(str(n) for n in names):
+            if name.startswith("pd_") and name not in known:
+                where.setdefault(name, []).append(host)
+    for name, hosts in where.items():
+        also = ""
+        if len(hosts) > 1:
+            shown = ", ".join(hosts[1:6]) + (", ..." if len(hosts) > 6 else "")
+            also = f" (also set for {shown})"
+        readers[hosts[0]].fail(name, unknown_variable(name) + also)
+
+
+def _cluster_backend(groups: Mapping[str, list[str]], readers: Mapping[str, Reader],
+                     cluster_r: Reader) -> Backend | None:
+    """The one backend of the cluster: every P/D host's pd_engine must belong to it."""
+    from pd_deploy.engines import backend_for, engine_names  # backends import this module
+
+    chosen: tuple[Backend, str, str] | None = None
+    for host in groups.get("P", []) + groups.get("D", []):
+        r = readers[host]
+        engine = r.text("pd_engine", engine_names())
+        if engine is None:
             continue
-        if ip in owner:
-            errors.append(PlanError(host, "node_ip",
-                                    f"{ip} is also the node IP of {owner[ip]}"))
-        else:
-            owner[ip] = host
+        backend = backend_for(engine)
+        if chosen is None:
+            chosen = (backend, host, engine)
+        elif backend is not chosen[0]:
+            r.fail("pd_engine", f"{engine!r} needs the {backend.name} backend but {chosen[1]} "
+                   f"runs {chosen[2]!r} ({chosen[0].name}); one cluster runs one engine family")
+    if chosen is None:
+        engine = cluster_r.text("pd_engine", engine_names())
+        return backend_for(engine) if engine else None
+    return chosen[0]
+
+
+def _check_shared_machines(
+    groups: Mapping[str, list[str]], node_ips: dict[str, str], nodes: Mapping[str, Node],
+    readers: Mapping[str, Reader],
+) -> None:
+    """Several inventory hosts may share one machine (node_ip), as the guides' one-host
+    1P1D layouts do, when their devices do not overlap (ports: _check_ports)."""
+    owner: dict[tuple[str, str], str] = {}
+    for host in _all_hosts({"P": groups.get("P", []), "D": groups.get("D", [])}):
+        ip, node = node_ips.get(host), nodes.get(host)
+        if ip is None or node is None:
+            continue
+        taken = sorted({owner[(ip, d)] for d in node.devices if (ip, d) in owner},
+                       key=list(owner.values()).index)
+        for other in taken:
+            shared = [d for d in node.devices if owner.get((ip, d)) == other]
+            readers[host].fail("devices", f"device(s) {','.join(shared)} on {ip} are also "
+                               f"used by {other}, which shares this node IP")
+        for d in node.devices:
+            owner.setdefault((ip, d), host)
 
 
 def _group_instances(
-    role: str, members: list[_HostIn], nodes: dict[str, Node], errors: list[PlanError]
+    role: str, members: list[_HostIn], nodes: dict[str, Node], errors: list[PlanError],
+    backend: Backend | None,
 ) -> list[Instance]:
-    by_ip = {m.ip: m for m in members if m.ip}
+    by_ip: dict[str, list[_HostIn]] = {}
+    for m in members:
+        if m.ip:
+            by_ip.setdefault(m.ip, []).append(m)
     order: list[str] = []
     grouped: dict[str, list[_HostIn]] = {}
     for m in members:
         if m.master_ip is None or m.ip is None:
             continue
-        if m.master_ip not in by_ip:
+        if m.master_ip == m.ip:
+            master = m  # its own master (another host may share the machine)
+        elif m.master_ip not in by_ip:
             m.r.fail("host_ip", f"{m.master_ip} is not the IP of any host in group {role}")
             continue
-        master = by_ip[m.master_ip]
-        if master.master_ip != master.ip:
-            m.r.fail("host_ip", f"instance {m.master_ip} has no master: {master.host} has that "
-                     f"IP but its own host_ip is {master.master_ip}")
-            continue
-        if m.master_ip not in grouped:
-            order.append(m.master_ip)
-            grouped[m.master_ip] = []
-        grouped[m.master_ip].append(m)
+        else:
+            masters = [c for c in by_ip[m.master_ip] if c.master_ip == c.ip]
+            if not masters:
+                other = by_ip[m.master_ip][0]
+                m.r.fail("host_ip", f"instance {m.master_ip} has no master: {other.host} has "
+                         f"that IP but its own host_ip is {other.master_ip}")
+                continue
+            if len(masters) > 1:
+                m.r.fail("host_ip", f"{m.master_ip} is the IP of several masters in group "
+                         f"{role} ({', '.join(c.host for c in masters)}); an instance that "
+                         "spans machines needs a master with a machine of its own")
+                continue
+            master = masters[0]
+        if master.host not in grouped:
+            order.append(master.host)
+            grouped[master.host] = []
+        grouped[master.host].append(m)
 
     instances = []
-    for index, master_ip in enumerate(order, start=1):
-        members_i = grouped[master_ip]
+    for index, master_host in enumerate(order, start=1):
+        members_i = grouped[master_host]
         # the master first, the others in inventory order
-        members_i.sort(key=lambda m: m.ip != master_ip)
-        inst = _instance(f"{role}{index}", role, members_i, nodes, errors)
+        members_i.sort(key=lambda m: m.host != master_host)
+        inst = _instance(f"{role}{index}", role, members_i, nodes, backend)
         if inst:
             instances.append(inst)
     return instances
 
 
 def _instance(
-    name: str, role: str, members: list[_HostIn], nodes: dict[str, Node], errors: list[PlanError]
+    name: str, role: str, members: list[_HostIn], nodes: dict[str, Node],
+    backend: Backend | None,
 ) -> Instance | None:
+    from pd_deploy.engines import backend_for, engine_names
+
     mr = members[0].r
-    engine = mr.text("pd_engine", ENGINES)
-    emulate = mr.text("pd_emulate", ("vllm", "vllm-ascend")) if engine == "emulator" else None
-    flavour = emulate if engine == "emulator" else engine
+    engine = mr.text("pd_engine", engine_names())
     dp_mode = mr.text("pd_dp_mode", DP_MODES)
     tp = mr.integer("pd_tp", 1, 1024)
     model = mr.text("pd_model_path")
@@ -321,28 +401,28 @@ def _instance(
     served = mr.text("pd_served_model_name") or default_name
     api_port = mr.port("pd_api_port")
     rpc_port = mr.port("pd_dp_rpc_port")
-    connector = mr.text("pd_connector") or (
-        "NixlConnector" if flavour == "vllm" else "MooncakeConnectorV1")
+    opts = None
+    if backend is not None and engine is not None and backend_for(engine) is backend:
+        opts = backend.instance_options(engine, mr)
     extra = mr.typed("pd_extra_args", list) or []
     extra = [str(a) for a in extra]
     for arg in extra:
-        flag = _own_flag(arg)
+        flag = _own_flag(arg, backend.owned_flags if backend else ())
         if flag:
             mr.fail("pd_extra_args", f"{flag} is set by the planner; remove it from pd_extra_args")
     env = mr.typed("pd_env", dict) or {}
     env = {str(k): str(v) for k, v in env.items()}
 
     # every node of an instance must agree with its master on instance-wide settings
+    wide = INSTANCE_WIDE + (backend.instance_wide if backend else ())
     for m in members[1:]:
-        for var in ("pd_engine", "pd_dp_mode", "pd_tp", "pd_model_path", "pd_connector"):
+        for var in wide:
             if m.r.raw(var) != mr.raw(var):
                 m.r.fail(var, f"{m.r.raw(var)!r} differs from {mr.raw(var)!r} on the instance "
                          f"master {members[0].host}")
 
-    if None in (engine, dp_mode, tp, api_port, rpc_port) or not model or (
-            engine == "emulator" and emulate is None):
+    if None in (engine, dp_mode, tp, api_port, rpc_port, opts) or not model:
         return None
-
     start = 0
     inst_hosts = []
     ok = True
@@ -379,9 +459,9 @@ def _instance(
         return None
     return Instance(
         name=name, role=role, master=members[0].host, master_ip=members[0].ip or "",
-        hosts=inst_hosts, engine=engine, flavour=flavour or "vllm", dp_mode=dp_mode, tp=tp,
-        dp_size=start, model_path=model, served_model_name=served, connector=connector,
-        api_port=api_port, dp_rpc_port=rpc_port, kv_port=0, extra_args=extra, env=env,
+        hosts=inst_hosts, engine=engine, dp_mode=dp_mode, tp=tp, dp_size=start,
+        model_path=model, served_model_name=served, api_port=api_port, dp_rpc_port=rpc_port,
+        kv_port=0, extra_args=extra, env=env, opts=opts,
     )
 
 
@@ -391,44 +471,33 @@ def _base_dir(r: Reader) -> str:
 
 def _assign_kv_ports(
     instances: list[Instance], nodes: Mapping[str, Node], readers: Mapping[str, Reader],
-    cluster_r: Reader,
+    cluster_r: Reader, backend: Backend,
 ) -> None:
+    """KV side-channel ranges: the k-th instance with a given base gets base + k * stride;
+    rank r of an instance starts at its base + r * (the backend's ports per rank)."""
     stride = cluster_r.integer("pd_kv_port_stride", 0, 10000)
     if stride is None:
         return
     used: dict[int, int] = {}
     for inst in instances:
         r = readers[inst.master]
-        default = 5600 if inst.flavour == "vllm" else 36000
+        default = backend.kv_port_base(inst)
         base = r.port("pd_kv_port") if r.raw("pd_kv_port") is not None else default
         if base is None:
             continue
         k = used.get(base, 0)
         used[base] = k + 1
         inst.kv_port = base + k * stride
-        # As the connectors compute it, from the GLOBAL DP rank r (vLLM 0.33 nixl
-        # base_scheduler; vLLM-Ascend mooncake_connector): Mooncake listens on
-        # kv_port + r * tp (+ tp worker index), NIXL on kv_port + r (one per engine).
-        per_rank = inst.tp if inst.connector.startswith("Mooncake") else 1
+        per_rank = backend.kv_ports_per_rank(inst)
         for host in inst.hosts:
-            node_chips = 0
             for rank in nodes[host].ranks:
                 rank.kv_port = inst.kv_port + rank.rank * per_rank
-                node_chips += inst.tp
             ranks = nodes[host].ranks
             low = ranks[0].kv_port if ranks else inst.kv_port
             top = (ranks[-1].kv_port + per_rank - 1) if ranks else inst.kv_port
             if top > 65535:
                 readers[host].fail("pd_kv_port", f"KV range {low}..{top} of instance "
                                    f"{inst.name} goes past 65535")
-            if inst.flavour == "vllm-ascend" and inst.connector.startswith("Mooncake"):
-                hi = MOONCAKE_RANDOM_BASE + node_chips * 1000
-                if low < hi and top >= MOONCAKE_RANDOM_BASE:
-                    readers[host].fail(
-                        "pd_kv_port",
-                        f"KV range {low}..{top} of instance {inst.name} overlaps the "
-                        f"ports Mooncake picks at random ({MOONCAKE_RANDOM_BASE}..{hi - 1} with "
-                        f"{node_chips} chips); use pd_kv_port >= {hi}")
 
 
 def _proxy_host(host: str, r: Reader, ip: str | None) -> ProxyHost | None:
@@ -466,29 +535,6 @@ def proxy_options(r: Reader) -> dict[str, Any]:
     }
 
 
-def _check_mooncake_shapes(
-    instances: list[Instance], readers: Mapping[str, Reader], cluster_r: Reader
-) -> None:
-    mooncake = [i for i in instances if i.connector.startswith("Mooncake")]
-    for role in ROLES:
-        same = [i for i in mooncake if i.role == role]
-        for inst in same[1:]:
-            if (inst.dp_size, inst.tp) != (same[0].dp_size, same[0].tp):
-                readers[inst.master].fail(
-                    "pd_tp" if inst.tp != same[0].tp else "devices",
-                    f"{role} instance {inst.name} is DP{inst.dp_size}xTP{inst.tp} but "
-                    f"{same[0].name} is DP{same[0].dp_size}xTP{same[0].tp}; with {inst.connector} "
-                    f"every {role} instance must have the same shape (kv_connector_extra_config)")
-    prefill = [i for i in mooncake if i.role == "P"]
-    decode = [i for i in mooncake if i.role == "D"]
-    if prefill and decode and not cluster_r.boolean("pd_model_is_mla"):
-        p, d = prefill[0], decode[0]
-        if p.tp % d.tp:
-            readers[p.master].fail(
-                "pd_tp", f"prefill tp {p.tp} is not a multiple of decode tp {d.tp} (required by "
-                f"{p.connector} for non-MLA models; set pd_model_is_mla: true if it is MLA)")
-
-
 @dataclass
 class Binding:
     ip: str
@@ -498,17 +544,17 @@ class Binding:
 
 
 def bindings(plan_instances: Iterable[Instance], nodes: Mapping[str, Node],
-             proxies: Iterable[ProxyHost]) -> list[Binding]:
+             proxies: Iterable[ProxyHost], backend: Backend) -> list[Binding]:
     """Every port every planned process binds, per address (the clash check's input)."""
     out: list[Binding] = []
     insts = {i.name: i for i in plan_instances}
     for node in nodes.values():
         inst = insts[node.instance]
+        width = backend.kv_ports_per_rank(inst) if inst.kv_port else 0
         for rank in node.ranks:
             who = f"{node.host}/dp{rank.rank}"
             if rank.api_port is not None:
                 out.append(Binding(node.bind, rank.api_port, "api", who))
-            width = inst.tp if inst.connector.startswith("Mooncake") else 1
             for t in range(width):
                 out.append(Binding(node.ip, rank.kv_port + t, "kv", who))
         if node.master:
@@ -521,12 +567,12 @@ def bindings(plan_instances: Iterable[Instance], nodes: Mapping[str, Node],
 
 def _check_ports(
     instances: list[Instance], nodes: Mapping[str, Node], proxies: list[ProxyHost],
-    readers: Mapping[str, Reader],
+    readers: Mapping[str, Reader], backend: Backend,
 ) -> None:
     seen: dict[tuple[str, int], Binding] = {}
     field_of = {"api": "pd_api_port", "kv": "pd_kv_port", "dp_rpc": "pd_dp_rpc_port",
                 "proxy": "pd_proxy_port", "admin": "pd_proxy_admin_port"}
-    for b in bindings(instances, nodes, proxies):
+    for b in bindings(instances, nodes, proxies, backend):
         host = b.owner.split("/")[0]
         if not 1 <= b.port <= 65535:
             readers[host].fail(field_of[b.use], f"{b.use} port {b.port} is outside 1..65535")
@@ -541,6 +587,29 @@ def _check_ports(
                 f"{clash.owner} ({clash.use})")
             continue
         seen[(b.ip, b.port)] = b
+
+
+def _check_service_ports(plan: ClusterPlan, readers: Mapping[str, Reader]) -> None:
+    """Ports of the backend's services on C hosts against every planned binding."""
+    doors = plan.proxies if plan.front_door != "none" else []
+    seen = {(b.ip, b.port): b for b in bindings(plan.instances, plan.nodes, doors,
+                                                plan.backend)}
+    first_c = plan.proxies[0].host if plan.proxies else None
+    for svc in plan.backend.services(plan):
+        for host in svc.hosts or ([first_c] if first_c else []):
+            for proc in svc.processes:
+                for q in proc.get("ports", []):
+                    b = Binding(q["host"], int(q["port"]), q.get("use", ""),
+                                f"{host}/{svc.name}")
+                    wildcard = [(ip, b.port) for ip in (b.ip, "0.0.0.0", "::")]
+                    clash = next((seen[k] for k in wildcard if k in seen), None)
+                    if clash is not None:
+                        readers[host].fail(
+                            svc.port_vars.get(b.port, f"{svc.name} port"),
+                            f"service {svc.name} port {b.ip}:{b.port} is also bound by "
+                            f"{clash.owner} ({clash.use})")
+                        continue
+                    seen[(b.ip, b.port)] = b
 
 
 def _upstreams(role: str, instances: list[Instance], nodes: Mapping[str, Node]) -> list[str]:

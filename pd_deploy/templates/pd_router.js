@@ -11,7 +11,7 @@
 // The same X-Request-Id ($pd_request_id) goes to both legs and to the client.
 //
 // Options come from nginx variables set in nginx.conf (rendered by
-// pd_launcher/proxy.py): $pd_min_prefill_chars, $pd_fallback_enabled.
+// pd_deploy/proxy_config.py): $pd_min_prefill_chars, $pd_fallback_enabled.
 // Per-request facts for the access log are written to js_var variables.
 // Nothing here keeps state across requests (njs 0.7 has a VM per request).
 
