@@ -35,7 +35,7 @@ demo-clean: venv
 	$(BIN)/ansible-playbook -i $(INVENTORY) cleanup.yml
 
 plan: venv
-	$(BIN)/python -m pd_deploy plan -i $(INVENTORY)
+	$(BIN)/pd-deploy plan -i $(INVENTORY)
 
 lint: venv
 	$(BIN)/ruff check pd_deploy pd_launcher plugins tests bench
