@@ -7,6 +7,13 @@ pre-start check and the processes of the C node spec: nginx and the proxy agent
 (upstream lists, balancing policy -> directives, limits, retry maps) is done here;
 the template only places values. Jinja2 is imported lazily.
 
+Two modes, one front door (same API key, request id, access log, metrics, health):
+  - "pd" (the block has no `mode`; `prefill` and `decode` lists): nginx + njs is the
+    PD router (the vLLM family);
+  - "router" (`mode: router`, a `router` list): the engine brings its own PD router
+    (xllm-service, FastDeploy's router, KsanaLLM's simple_router) and nginx proxies
+    to it as one pool, `pd_router`; no njs.
+
 See docs/proxy.md.
 """
 from __future__ import annotations
@@ -16,7 +23,7 @@ import os
 import re
 from typing import Any
 
-from pd_launcher.proxy_agent import ROUTES, error_json, render_upstreams
+from pd_launcher.proxy_agent import PD_ROUTES, ROUTES, error_json, render_upstreams
 
 TEMPLATES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "templates")
 DEFAULT_NJS_MODULE = "/usr/lib/nginx/modules/ngx_http_js_module.so"
@@ -61,11 +68,22 @@ DEFAULTS: dict[str, Any] = {
     "health_fails": 2,
     "health_passes": 1,
     "error_log_level": "warn",
+    # router mode (null: the decode leg's value; the router's answer is the decode stream)
+    "router_balance": None,
+    "router_attempts": None,
+    "router_timeout_s": None,
+    # router mode: active probe of the router. null: TCP connect (xllm-service and
+    # KsanaLLM's simple_router have no /health); "/path": HTTP GET, 2xx = up
+    "router_health_path": None,
 }
+
+MODES = ("pd", "router")
+POOLS = {"pd": ("prefill", "decode"), "router": ("router",)}
 
 _SIZE_RE = re.compile(r"^[0-9]+[kKmMgG]?$")
 _HOSTPORT_RE = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):([0-9]{1,5})$")
 _KEY_RE = re.compile(r"^[A-Za-z0-9._~+/=:-]{1,512}$")
+_PATH_RE = re.compile(r"^/[A-Za-z0-9._~/%=&?+:@-]{0,255}$")
 _WILDCARD = {"0.0.0.0", "[::]", "*"}
 
 
@@ -126,7 +144,10 @@ def options_of(proxy: dict) -> dict[str, Any]:
     if unknown:
         raise ProxyConfigError(f"proxy.options: unknown option(s) {', '.join(unknown)}")
     o = {k: (raw[k] if raw.get(k) is not None else v) for k, v in DEFAULTS.items()}
-    for k in ("prefill_balance", "decode_balance"):
+    for k in ("balance", "attempts", "timeout_s"):
+        if o[f"router_{k}"] is None:
+            o[f"router_{k}"] = o[f"decode_{k}"]
+    for k in ("prefill_balance", "decode_balance", "router_balance"):
         if o[k] not in BALANCE:
             raise ProxyConfigError(f"proxy.options.{k}: expected one of "
                                    f"{', '.join(BALANCE)}, got {o[k]!r}")
@@ -139,6 +160,8 @@ def options_of(proxy: dict) -> dict[str, Any]:
     _int(o, "connect_timeout_s", 1, 3600)
     _int(o, "prefill_timeout_s", 1, 86400)
     _int(o, "decode_timeout_s", 1, 86400)
+    _int(o, "router_attempts", 1, 100)
+    _int(o, "router_timeout_s", 1, 86400)
     _int(o, "upstream_keepalive_timeout_s", 1, 3600)
     _int(o, "worker_connections", 64, 1 << 20)
     _int(o, "health_interval_s", 1, 3600)
@@ -170,7 +193,33 @@ def options_of(proxy: dict) -> dict[str, Any]:
         raise ProxyConfigError("proxy.options.error_log_level: expected an nginx level")
     if o["admin_port"] is not None:
         _int(o, "admin_port", 1, 65535)
+    if o["router_health_path"] == "":
+        o["router_health_path"] = None
+    if o["router_health_path"] is not None and not (
+            isinstance(o["router_health_path"], str)
+            and _PATH_RE.match(o["router_health_path"])):
+        raise ProxyConfigError("proxy.options.router_health_path: expected null (TCP "
+                               "connect) or an HTTP path like /health, got "
+                               f"{o['router_health_path']!r}")
     return o
+
+
+def mode_of(proxy: dict) -> str:
+    """"pd" (no `mode` key: nginx is the PD router) or "router" (the engine's own
+    router behind nginx); the block's upstream keys must match the mode."""
+    mode = proxy.get("mode", "pd")
+    if mode not in MODES:
+        raise ProxyConfigError(f"proxy.mode: expected 'router' (or no mode: nginx is the "
+                               f"PD router), got {mode!r}")
+    other = ("router",) if mode == "pd" else ("prefill", "decode")
+    for k in other:
+        if k in proxy:
+            raise ProxyConfigError(
+                f"proxy.{k}: not used in {mode} mode ("
+                + ("the engine's router chooses prefill and decode; list its address "
+                   "in proxy.router)" if mode == "router" else "set proxy.mode: router")
+                + ")")
+    return mode
 
 
 # ----------------------------------------------------------------- upstreams
@@ -179,7 +228,7 @@ def options_of(proxy: dict) -> dict[str, Any]:
 def upstream_pools(proxy: dict, opts: dict) -> dict[str, dict[str, Any]]:
     """Per pool: nginx upstream name, policy directive, servers and parameters."""
     pools = {}
-    for pool in ("prefill", "decode"):
+    for pool in POOLS[mode_of(proxy)]:
         servers = proxy.get(pool)
         if not isinstance(servers, list) or not servers:
             raise ProxyConfigError(f"proxy.{pool}: expected a non-empty list of host:port")
@@ -255,6 +304,8 @@ def proxy_unit(proxy: dict, dirs: dict, *, nginx_bin: str = "nginx",
     if not isinstance(proxy, dict):
         raise ProxyConfigError("proxy: expected the proxy block (a mapping)")
     host, port = _hostport(proxy.get("listen"), "listen")
+    mode = mode_of(proxy)
+    router = mode == "router"
     opts = options_of(proxy)
     pools = upstream_pools(proxy, opts)
     ahost, aport = _agent_addr(host, port, opts)
@@ -268,15 +319,18 @@ def proxy_unit(proxy: dict, dirs: dict, *, nginx_bin: str = "nginx",
     pid_path = f"{run}/nginx.pid"
     access_log = f"{logd}/proxy_access.log"
 
-    if opts["njs_module"] is not None:
+    if router:
+        njs_module = ""        # plain proxying: no njs, nothing to load
+    elif opts["njs_module"] is not None:
         njs_module = opts["njs_module"]
     elif modules_dir:
         njs_module = f"{modules_dir.rstrip('/')}/{NJS_MODULE_FILE}"
     else:
         njs_module = DEFAULT_NJS_MODULE
 
-    decode_map, d_max, total_map = _retry_maps(opts["prefill_attempts"],
-                                               opts["decode_attempts"])
+    # router mode: the router leg's retries are counted like the decode leg's
+    decode_map, d_max, total_map = _retry_maps(
+        opts["prefill_attempts"], opts["router_attempts" if router else "decode_attempts"])
     max_body = _size_bytes(opts["max_body_size"])
     workers = opts["worker_processes"]
     conns = opts["worker_connections"]
@@ -294,7 +348,7 @@ def proxy_unit(proxy: dict, dirs: dict, *, nginx_bin: str = "nginx",
         "temp_dir": run,
         "client_keepalive_timeout_s": 75,
         "keepalive_requests": 100000,
-        "map_hash_max_size": max(2048, 4 * len(total_map)),
+        "map_hash_max_size": max(2048, 4 * len(decode_map if router else total_map)),
         "routes": ROUTES,
         "decode_retry_map": decode_map,
         "decode_retry_default": d_max - 1,
@@ -326,7 +380,15 @@ def proxy_unit(proxy: dict, dirs: dict, *, nginx_bin: str = "nginx",
         "health_local": json.dumps({"status": "ok", "proxy": "up", "agent": "down",
                                     "pools": None}, separators=(",", ":")),
         "error_bodies": [(n, c, error_json(c, t, m)) for n, c, t, m in ERRORS],
+        "router": router,
     }
+    if router:
+        ctx.update({
+            "router_attempts": opts["router_attempts"],
+            "router_timeout_s": opts["router_timeout_s"],
+            "err405": {r: error_json(405, "MethodNotAllowedError", f"use POST for {r}")
+                       for r in PD_ROUTES},
+        })
     assert max_body > 0
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES_DIR),
                              undefined=jinja2.StrictUndefined, trim_blocks=True,
@@ -334,11 +396,12 @@ def proxy_unit(proxy: dict, dirs: dict, *, nginx_bin: str = "nginx",
                              autoescape=False)
     conf = env.get_template("nginx.conf.j2").render(**ctx)
     with open(os.path.join(TEMPLATES_DIR, "pd_router.js"), encoding="utf-8") as f:
-        js = f.read()
+        js = None if router else f.read()
 
     secret = bool(opts["api_key"] or opts["engine_api_key"])
     agent_cfg = {
         "listen": f"{ahost}:{aport}",
+        **({"mode": mode} if router else {}),     # absent: pd
         "access_log": access_log,
         "pid_path": pid_path,
         "upstreams_path": upstreams_path,
@@ -347,7 +410,8 @@ def proxy_unit(proxy: dict, dirs: dict, *, nginx_bin: str = "nginx",
         "max_fails": opts["max_fails"],
         "health": {
             "enabled": opts["active_health"],
-            "path": "/health",
+            # null: TCP connect probe
+            "path": opts["router_health_path"] if router else "/health",
             "interval_s": opts["health_interval_s"],
             "timeout_s": opts["health_timeout_s"],
             "fails": opts["health_fails"],
@@ -356,13 +420,13 @@ def proxy_unit(proxy: dict, dirs: dict, *, nginx_bin: str = "nginx",
     }
     url_host = _url_host(host)
     return {
-        "files": [
+        "files": [f for f in [
             {"path": conf_path, "content": conf, "mode": "0600" if secret else "0644"},
-            {"path": js_path, "content": js, "mode": "0644"},
+            {"path": js_path, "content": js, "mode": "0644"} if js is not None else None,
             {"path": upstreams_path, "content": render_upstreams(pools), "mode": "0644"},
             {"path": agent_cfg_path, "content": json.dumps(agent_cfg, indent=1) + "\n",
              "mode": "0644"},
-        ],
+        ] if f is not None],
         "pre_start": [[nginx_bin, "-t", "-q", "-p", run + "/", "-c", conf_path]],
         "processes": [
             {

@@ -11,6 +11,11 @@ exposes neither counters nor the health of its upstream peers, so the agent
     probe passed and no failure seen in the log within fail_timeout_s).
 nginx proxies /health and /metrics to it; serving never depends on it. Its config
 file is rendered on the controller by pd_deploy.proxy_config (docs/proxy.md).
+
+Two modes (config key `mode`, absent = "pd"): "pd", nginx is the PD router (pools
+prefill and decode, log fields prefill_* / decode_*); "router", nginx fronts the
+engine's own router (one pool, router; log fields upstream*; probes are TCP
+connects unless health.path is set, since routers differ in what they serve).
 """
 from __future__ import annotations
 
@@ -62,6 +67,9 @@ def error_json(code: int, type_: str, message: str) -> str:
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
                    5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 PD_ROUTES = ("/v1/completions", "/v1/chat/completions")
+# pools never taken out as a whole by active checks: with nowhere to send, passive
+# health and retries do better than an instant 502
+LAST_RESORT_POOLS = ("decode", "router")
 
 
 def _esc(v: str) -> str:
@@ -118,8 +126,10 @@ def _num(v: Any) -> float | None:
 class Metrics:
     """Counters derived from the access log. One lock; small critical sections."""
 
-    def __init__(self, pools: dict[str, dict[str, Any]], max_fails: int = 1):
+    def __init__(self, pools: dict[str, dict[str, Any]], max_fails: int = 1,
+                 mode: str = "pd"):
         self.lock = threading.Lock()
+        self.mode = mode
         self.keep_failures = max(1, max_fails)   # the last max_fails times decide
         self.pools = pools
         self.requests: dict[tuple[str, str], int] = {}
@@ -128,13 +138,16 @@ class Metrics:
         self.prefill = Histogram()
         self.decode_ttfb = Histogram()
         self.decode = Histogram()
-        self.retries = {"prefill": 0, "decode": 0}
+        self.router_ttfb = Histogram()
+        self.router = Histogram()
+        self.retries = ({"router": 0} if mode == "router" else  # per leg
+                        {"prefill": 0, "decode": 0})
         self.fallbacks = 0
         self.skipped = 0
         self.bytes_sent = 0
         self.attempts: dict[tuple[str, str], int] = {}
         self.failures: dict[tuple[str, str], int] = {}
-        self.no_live: dict[str, int] = {"prefill": 0, "decode": 0}
+        self.no_live: dict[str, int] = {p: 0 for p in pools}
         self.recent_failures: dict[tuple[str, str], list[float]] = {}
         self.parse_errors = 0
         self.lines = 0
@@ -173,6 +186,9 @@ class Metrics:
             if t is not None:
                 self.total[route].observe(t)
             self.bytes_sent += int(_num(rec.get("bytes_sent")) or 0)
+            if self.mode == "router":
+                self._add_router(rec, route, now)
+                return
             if route in PD_ROUTES:
                 pt = _num(rec.get("prefill_time"))
                 if pt is not None and rec.get("prefill_upstream"):
@@ -195,6 +211,20 @@ class Metrics:
                 self._attempts("decode", _pairs(rec.get("decode_upstream", ""),
                                                 rec.get("decode_status", "")), now)
 
+    def _add_router(self, rec: dict, route: str, now: float) -> None:
+        """Router mode: one leg, to the engine's router (lock held)."""
+        if route in PD_ROUTES:
+            t = _num(rec.get("upstream_ttfb"))
+            if t is not None:
+                self.router_ttfb.observe(t)
+            t = _num(rec.get("upstream_time"))
+            if t is not None:
+                self.router.observe(t)
+            self.retries["router"] += int(_num(rec.get("retries")) or 0)
+        if route in PD_ROUTES or route == "/v1/models":
+            self._attempts("router", _pairs(rec.get("upstream", ""),
+                                            rec.get("upstream_status", "")), now)
+
     def passive_failing(self, pool: str, addr: str, now: float, window: float,
                         max_fails: int) -> bool:
         """nginx's passive rule: max_fails failures within fail_timeout take a
@@ -210,7 +240,8 @@ class Agent:
     def __init__(self, cfg: dict):
         self.cfg = cfg
         self.pools = cfg["pools"]
-        self.metrics = Metrics(self.pools, cfg.get("max_fails", 1))
+        self.mode = cfg.get("mode", "pd")
+        self.metrics = Metrics(self.pools, cfg.get("max_fails", 1), self.mode)
         self.stop = threading.Event()
         h = cfg["health"]
         self.health = h
@@ -261,9 +292,20 @@ class Agent:
 
     # -------------------------------------------------------------- active health
     def probe(self, addr: str) -> str | None:
+        """None when the peer is up, else why not. health.path null: a TCP connect
+        (routers without a health endpoint; xllm-service opens its HTTP port only
+        once it has instances to route to), else GET path, 2xx = up."""
         import http.client
+        import socket
 
         host, _, port = addr.rpartition(":")
+        if self.health.get("path") is None:
+            try:
+                socket.create_connection((host.strip("[]"), int(port)),
+                                         timeout=self.health["timeout_s"]).close()
+                return None
+            except OSError as e:
+                return type(e).__name__ + (f": {e}" if str(e) else "")
         try:
             c = http.client.HTTPConnection(host.strip("[]"), int(port),
                                            timeout=self.health["timeout_s"])
@@ -298,9 +340,9 @@ class Agent:
         new = {}
         for pool, p in self.pools.items():
             bad = {a for a in p["servers"] if not self.state[(pool, a)]["up"]}
-            # never take out the whole decode pool: with nowhere to send,
-            # passive health and retries do better than an instant 502
-            if pool == "decode" and len(bad) == len(p["servers"]):
+            # never take out the whole decode (or router) pool: with nowhere to
+            # send, passive health and retries do better than an instant 502
+            if pool in LAST_RESORT_POOLS and len(bad) == len(p["servers"]):
                 bad = set()
             new[pool] = bad
         changed = new != self.down
@@ -378,6 +420,8 @@ class Agent:
                 out.append(f"pd_proxy_requests_total{_labels({'route': route, 'status': status})}"
                            f" {n}")
             head("pd_proxy_pd_requests_total", "counter",
+                 "Completion requests by path taken: router (the engine's router did "
+                 "prefill and decode)." if m.mode == "router" else
                  "Completion requests by path taken: pd, decode_only (short prompt), "
                  "fallback, prefill_error, error.")
             for mode, n in sorted(m.modes.items()):
@@ -386,24 +430,33 @@ class Agent:
                  "Total time per request, by route.")
             for route, h in m.total.items():
                 out += h.lines("pd_proxy_request_duration_seconds", {"route": route})
-            head("pd_proxy_prefill_duration_seconds", "histogram",
-                 "Prefill leg, all attempts.")
-            out += m.prefill.lines("pd_proxy_prefill_duration_seconds", {})
-            head("pd_proxy_decode_first_byte_seconds", "histogram",
-                 "Decode leg: time to the decode engine's response header (first byte).")
-            out += m.decode_ttfb.lines("pd_proxy_decode_first_byte_seconds", {})
-            head("pd_proxy_decode_duration_seconds", "histogram",
-                 "Decode leg: time to the end of the decode response.")
-            out += m.decode.lines("pd_proxy_decode_duration_seconds", {})
+            if m.mode == "router":
+                head("pd_proxy_router_first_byte_seconds", "histogram",
+                     "Router leg: time to the router's response header (first byte).")
+                out += m.router_ttfb.lines("pd_proxy_router_first_byte_seconds", {})
+                head("pd_proxy_router_duration_seconds", "histogram",
+                     "Router leg: time to the end of the router's response.")
+                out += m.router.lines("pd_proxy_router_duration_seconds", {})
+            else:
+                head("pd_proxy_prefill_duration_seconds", "histogram",
+                     "Prefill leg, all attempts.")
+                out += m.prefill.lines("pd_proxy_prefill_duration_seconds", {})
+                head("pd_proxy_decode_first_byte_seconds", "histogram",
+                     "Decode leg: time to the decode engine's response header (first byte).")
+                out += m.decode_ttfb.lines("pd_proxy_decode_first_byte_seconds", {})
+                head("pd_proxy_decode_duration_seconds", "histogram",
+                     "Decode leg: time to the end of the decode response.")
+                out += m.decode.lines("pd_proxy_decode_duration_seconds", {})
             head("pd_proxy_retries_total", "counter", "Upstream attempts beyond the first.")
             for leg, n in m.retries.items():
                 out.append(f"pd_proxy_retries_total{_labels({'leg': leg})} {n}")
-            head("pd_proxy_fallbacks_total", "counter",
-                 "Requests served decode-only because every prefill attempt failed.")
-            out.append(f"pd_proxy_fallbacks_total {m.fallbacks}")
-            head("pd_proxy_prefill_skipped_total", "counter",
-                 "Requests sent straight to decode (prompt below min_prefill_chars).")
-            out.append(f"pd_proxy_prefill_skipped_total {m.skipped}")
+            if m.mode != "router":
+                head("pd_proxy_fallbacks_total", "counter",
+                     "Requests served decode-only because every prefill attempt failed.")
+                out.append(f"pd_proxy_fallbacks_total {m.fallbacks}")
+                head("pd_proxy_prefill_skipped_total", "counter",
+                     "Requests sent straight to decode (prompt below min_prefill_chars).")
+                out.append(f"pd_proxy_prefill_skipped_total {m.skipped}")
             head("pd_proxy_upstream_attempts_total", "counter", "Attempts per upstream.")
             for (pool, a), n in sorted(m.attempts.items()):
                 out.append(f"pd_proxy_upstream_attempts_total"
