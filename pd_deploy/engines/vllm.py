@@ -16,6 +16,7 @@ from pd_deploy.engines.base import Backend
 from pd_deploy.settings import Reader, Variable
 from pd_deploy.specs import engine_spec_base
 from pd_deploy.topology import ClusterPlan, Instance, Node, Rank, version_tuple
+from pd_launcher.launcher.spec import Nic, NodeSpec, Port, Process, Ready
 
 MOONCAKE_RANDOM_BASE = 20000  # Mooncake takes random ports in [20000, 20000 + chips*1000)
 OWNED_FLAGS = (
@@ -115,13 +116,13 @@ def _engine_env(plan: ClusterPlan, inst: Instance, node: Node, ranks: list[Rank]
     return env
 
 
-def _ports(inst: Instance, node: Node, ranks: list[Rank], headless: bool) -> list[dict]:
+def _ports(inst: Instance, node: Node, ranks: list[Rank], headless: bool) -> list[Port]:
     ports = []
     for rank in ranks:
         if rank.api_port is not None and not headless:
-            ports.append({"host": node.bind, "port": rank.api_port, "use": "api"})
+            ports.append(Port(host=node.bind, port=rank.api_port, use="api"))
     if node.master and ranks[0].rank == 0 and inst.dp_size > 1:
-        ports.append({"host": node.ip, "port": inst.dp_rpc_port, "use": "dp_rpc"})
+        ports.append(Port(host=node.ip, port=inst.dp_rpc_port, use="dp_rpc"))
     use = "nixl" if inst.opts["connector"] == "NixlConnector" else "kv"
     # Mooncake: every tp worker of a rank has a port (the emulator binds the first);
     # NIXL: one side channel per engine
@@ -129,30 +130,29 @@ def _ports(inst: Instance, node: Node, ranks: list[Rank], headless: bool) -> lis
     width = inst.tp if mooncake and inst.engine != "emulator" else 1
     for rank in ranks:
         for t in range(width):
-            ports.append({"host": node.ip, "port": rank.kv_port + t, "use": use})
+            ports.append(Port(host=node.ip, port=rank.kv_port + t, use=use))
     return ports
 
 
 def _process(plan: ClusterPlan, inst: Instance, node: Node, ranks: list[Rank],
-             rank: Rank | None, name: str) -> dict[str, Any]:
+             rank: Rank | None, name: str) -> Process:
     headless = rank is None and not node.master
     ready_host = node.ip if node.bind in ("0.0.0.0", "::") else node.bind
     if headless:
-        ready = {"type": "tcp", "host": node.ip, "port": ranks[0].kv_port}
+        ready = Ready.tcp(node.ip, ranks[0].kv_port)
     else:
-        port = ranks[0].api_port
-        ready = {"type": "http", "url": f"http://{ready_host}:{port}/health"}
-    return {
-        "name": name,
-        "argv": _engine_argv(plan, inst, node, rank),
-        "env": _engine_env(plan, inst, node, ranks),
-        "ports": _ports(inst, node, ranks, headless),
-        "ready": ready,
-        "dp_ranks": [r.rank for r in ranks],
-    }
+        ready = Ready.http(f"http://{ready_host}:{ranks[0].api_port}/health")
+    return Process(
+        name=name,
+        argv=_engine_argv(plan, inst, node, rank),
+        env=_engine_env(plan, inst, node, ranks),
+        ports=_ports(inst, node, ranks, headless),
+        ready=ready,
+        dp_ranks=[r.rank for r in ranks],
+    )
 
 
-def engine_spec(plan: ClusterPlan, node: Node) -> dict[str, Any]:
+def engine_spec(plan: ClusterPlan, node: Node) -> NodeSpec:
     inst = plan.instance(node.instance)
     if inst.dp_mode == "external":
         processes = [_process(plan, inst, node, [r], r, f"engine-dp{r.rank}") for r in node.ranks]
@@ -169,8 +169,8 @@ def engine_spec(plan: ClusterPlan, node: Node) -> dict[str, Any]:
     return engine_spec_base(
         plan, node, processes,
         checks={"paths": [inst.model_path] if real else [], "devices": devices,
-                "commands": [processes[0]["argv"][0]]},
-        nic={"ip": node.ip, "name": node.nic, "env": nic_env},
+                "commands": [processes[0].argv[0]]},
+        nic=Nic(ip=node.ip, name=node.nic, env=list(nic_env)),
     )
 
 
@@ -225,7 +225,7 @@ class VllmBackend(Backend):
         _check_mooncake_random_ports(plan, readers)
         _check_mooncake_shapes(plan, readers)
 
-    def node_spec(self, plan: ClusterPlan, node: Node) -> dict[str, Any]:
+    def node_spec(self, plan: ClusterPlan, node: Node) -> NodeSpec:
         return engine_spec(plan, node)
 
 

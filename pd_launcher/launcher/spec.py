@@ -6,9 +6,10 @@ Unknown keys are accepted (the contract may grow); known keys are type-checked.
 """
 from __future__ import annotations
 
+import copy
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Dict, List, Optional, Tuple
 from urllib.parse import urlsplit
 
@@ -48,6 +49,14 @@ class Ready:
     host: Optional[str] = None
     port: Optional[int] = None
 
+    @classmethod
+    def http(cls, url: str, headers: Optional[Dict[str, str]] = None) -> Ready:
+        return cls(type="http", url=url, headers=dict(headers or {}))
+
+    @classmethod
+    def tcp(cls, host: str, port: int) -> Ready:
+        return cls(type="tcp", host=host, port=port)
+
     def describe(self) -> str:
         if self.type == "http":
             return f"GET {self.url}"
@@ -58,46 +67,75 @@ class Ready:
 class Process:
     name: str
     argv: List[str]
-    env: Dict[str, str]
-    ports: List[Port]
-    ready: Optional[Ready]
-    raw: Dict[str, Any]
+    env: Dict[str, str] = field(default_factory=dict)
+    ports: List[Port] = field(default_factory=list)
+    ready: Optional[Ready] = None
+    #: informative: the global DP ranks this process serves (engines only)
+    dp_ranks: Optional[List[int]] = None
+    #: keys this launcher does not know, kept as they came (the contract may grow)
+    extra: Dict[str, Any] = field(default_factory=dict)
+    #: the decoded JSON object it was parsed from (never serialised)
+    raw: Dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
 
 @dataclass
 class SpecFile:
     path: str
     content: str
-    mode: int
+    mode: int = 0o644
 
 
 @dataclass
 class Nic:
     ip: str
-    name: Optional[str]
-    env: List[str]
+    name: Optional[str] = None
+    env: List[str] = field(default_factory=list)
 
 
 @dataclass
 class NodeSpec:
-    source: str
-    raw: Dict[str, Any]
+    """One unit's spec. Build it in code (the planner) or with parse_spec; turn it
+    into JSON with spec_to_dict. Field <-> key: check_* are checks.{paths,devices,
+    commands}; everything else has the key's name."""
+
     cluster: str
     node: str
     role: str
     ip: str
-    dirs: Dict[str, str]
-    grace_seconds: float
-    check_paths: List[str]
-    check_devices: List[str]
-    check_commands: List[str]
-    nic: Optional[Nic]
-    files: List[SpecFile]
-    pre_start: List[List[str]]
     processes: List[Process]
+    #: service units only: the unit's name and when it starts (before-engines |
+    #: after-engines); None (absent from the JSON) for P, D and C units
+    unit: Optional[str] = None
+    phase: Optional[str] = None
+    instance: Optional[str] = None
+    master: bool = False
+    engine: Optional[str] = None
+    base_dir: Optional[str] = None
+    dirs: Dict[str, str] = field(default_factory=dict)
+    grace_seconds: float = DEFAULT_GRACE
+    check_paths: List[str] = field(default_factory=list)
+    check_devices: List[str] = field(default_factory=list)
+    check_commands: List[str] = field(default_factory=list)
+    nic: Optional[Nic] = None
+    files: List[SpecFile] = field(default_factory=list)
+    pre_start: List[List[str]] = field(default_factory=list)
+    #: C units: the front door's block (docs/node-spec.md), opaque to the launcher
+    proxy: Optional[Dict[str, Any]] = None
+    #: top-level keys this launcher does not know, kept as they came
+    extra: Dict[str, Any] = field(default_factory=dict)
+    #: where it was read from and the decoded JSON (never serialised, not compared)
+    source: str = field(default="<spec>", compare=False)
+    raw: Dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def all_ports(self) -> List[Tuple[str, Port]]:
         return [(p.name, port) for p in self.processes for port in p.ports]
+
+
+# Keys in the order spec_to_dict writes them (unit and phase only when set).
+SPEC_KEYS = ("schema", "cluster", "node", "role", "unit", "phase", "ip", "instance",
+             "master", "engine", "base_dir", "dirs", "grace_seconds", "checks", "nic",
+             "files", "pre_start", "processes", "proxy")
+PROCESS_KEYS = ("name", "argv", "env", "ports", "ready", "dp_ranks")
 
 
 class _V:
@@ -235,7 +273,49 @@ def _parse_process(v: _V, val: Any, where: str) -> Optional[Process]:
         if host is not None and num is not None:
             ports.append(Port(host=host, port=num, use=use))
     ready = _parse_ready(v, val.get("ready"), where + ".ready")
-    return Process(name=name, argv=argv, env=env, ports=ports, ready=ready, raw=val)
+    dp_ranks = val.get("dp_ranks")
+    if dp_ranks is not None and (not isinstance(dp_ranks, list) or not all(
+            isinstance(r, int) and not isinstance(r, bool) and r >= 0 for r in dp_ranks)):
+        v.err(where + ".dp_ranks", f"must be a list of integers >= 0, got {dp_ranks!r}")
+        dp_ranks = None
+    extra = {k: x for k, x in val.items() if k not in PROCESS_KEYS}
+    return Process(name=name, argv=argv, env=env, ports=ports, ready=ready,
+                   dp_ranks=None if dp_ranks is None else list(dp_ranks), extra=extra,
+                   raw=val)
+
+
+def _parse_file(v: _V, val: Any, where: str) -> Optional[SpecFile]:
+    if not isinstance(val, dict):
+        v.err(where, "must be an object {path, content, mode}")
+        return None
+    fpath = v.str_(val, "path", where + ".")
+    if fpath is not None and not fpath.startswith("/"):
+        v.err(where + ".path", f"must be an absolute path, got {fpath!r}")
+    content = val.get("content")
+    if not isinstance(content, str):
+        v.err(where + ".content", "must be a string")
+        content = ""
+    mode = _parse_mode(v, val.get("mode"), where + ".mode")
+    return SpecFile(path=fpath, content=content, mode=mode) if fpath else None
+
+
+def _one(parse: Any, val: Any, where: str) -> Any:
+    v = _V()
+    out = parse(v, val, where)
+    if v.errors:
+        raise SpecError(where, v.errors)
+    return out
+
+
+def parse_process(val: Any, where: str = "process") -> Process:
+    """One `processes[]` entry (a dict as in docs/node-spec.md) -> Process; raises
+    SpecError naming the field. For builders that hold processes as plain dicts."""
+    return _one(_parse_process, val, where)
+
+
+def parse_file(val: Any, where: str = "file") -> SpecFile:
+    """One `files[]` entry -> SpecFile; raises SpecError naming the field."""
+    return _one(_parse_file, val, where)
 
 
 def parse_spec(raw: Any, source: str = "<spec>") -> NodeSpec:
@@ -252,6 +332,19 @@ def parse_spec(raw: Any, source: str = "<spec>") -> NodeSpec:
         v.err("role", "must be one of {}, got {!r}".format("|".join(ROLES), role))
         role = ""
     ip = v.str_(raw, "ip", "") or ""
+    unit = v.str_(raw, "unit", "", required=False)
+    if unit is not None and not _NAME_RE.match(unit):
+        v.err("unit", f"must match [A-Za-z0-9][A-Za-z0-9._-]*, got {unit!r}")
+    phase = v.str_(raw, "phase", "", required=False)
+    instance = v.str_(raw, "instance", "", required=False)
+    engine = v.str_(raw, "engine", "", required=False)
+    base_dir = v.str_(raw, "base_dir", "", required=False)
+    master = raw.get("master")
+    if master is None:
+        master = False
+    if not isinstance(master, bool):
+        v.err("master", f"must be true or false, got {master!r}")
+        master = False
 
     dirs: Dict[str, str] = {}
     dirs_raw = raw.get("dirs")
@@ -298,20 +391,9 @@ def parse_spec(raw: Any, source: str = "<spec>") -> NodeSpec:
         v.err("files", "must be a list")
         files_raw = []
     for i, fr in enumerate(files_raw):
-        fw = f"files[{i}]"
-        if not isinstance(fr, dict):
-            v.err(fw, "must be an object {path, content, mode}")
-            continue
-        fpath = v.str_(fr, "path", fw + ".")
-        if fpath is not None and not fpath.startswith("/"):
-            v.err(fw + ".path", f"must be an absolute path, got {fpath!r}")
-        content = fr.get("content")
-        if not isinstance(content, str):
-            v.err(fw + ".content", "must be a string")
-            content = ""
-        mode = _parse_mode(v, fr.get("mode"), fw + ".mode")
-        if fpath:
-            files.append(SpecFile(path=fpath, content=content, mode=mode))
+        sf = _parse_file(v, fr, f"files[{i}]")
+        if sf is not None:
+            files.append(sf)
 
     pre_start: List[List[str]] = []
     pre_raw = raw.get("pre_start") or []
@@ -348,13 +430,20 @@ def parse_spec(raw: Any, source: str = "<spec>") -> NodeSpec:
             else:
                 seen_ports[key] = f"process {proc.name!r}"
 
+    proxy = raw.get("proxy")
+    if proxy is not None and not isinstance(proxy, dict):
+        v.err("proxy", f"must be an object or null, got {type(proxy).__name__}")
+        proxy = None
+
     if v.errors:
         raise SpecError(source, v.errors)
     return NodeSpec(
-        source=source, raw=raw, cluster=cluster, node=node, role=str(role), ip=ip, dirs=dirs,
-        grace_seconds=float(grace), check_paths=check_paths, check_devices=check_devices,
+        cluster=cluster, node=node, role=str(role), ip=ip, processes=processes, unit=unit,
+        phase=phase, instance=instance, master=master, engine=engine, base_dir=base_dir,
+        dirs=dirs, grace_seconds=grace, check_paths=check_paths, check_devices=check_devices,
         check_commands=check_commands, nic=nic, files=files, pre_start=pre_start,
-        processes=processes,
+        proxy=proxy, extra={k: x for k, x in raw.items() if k not in SPEC_KEYS},
+        source=source, raw=raw,
     )
 
 
@@ -369,3 +458,149 @@ def load_spec(path: str) -> NodeSpec:
     except ValueError as exc:
         raise SpecError(path, [f"(json): {exc}"]) from exc
     return parse_spec(raw, path)
+
+
+# ----------------------------------------------------------------- serialising
+
+
+def _ready_to_dict(ready: Ready) -> Dict[str, Any]:
+    if ready.type == "tcp":
+        return {"type": "tcp", "host": ready.host, "port": ready.port}
+    out: Dict[str, Any] = {"type": ready.type, "url": ready.url}
+    if ready.headers:
+        out["headers"] = dict(ready.headers)
+    return out
+
+
+def _process_to_dict(proc: Process) -> Dict[str, Any]:
+    out: Dict[str, Any] = {
+        "name": proc.name,
+        "argv": list(proc.argv),
+        "env": dict(proc.env),
+        "ports": [{"host": p.host, "port": p.port, "use": p.use} for p in proc.ports],
+        "ready": None if proc.ready is None else _ready_to_dict(proc.ready),
+    }
+    if proc.dp_ranks is not None:
+        out["dp_ranks"] = list(proc.dp_ranks)
+    out.update(proc.extra)
+    return out
+
+
+def spec_to_dict(spec: NodeSpec) -> Dict[str, Any]:
+    """The JSON form of a spec: what the planner emits and parse_spec reads back.
+
+    The one serialiser of the contract. Keys come in SPEC_KEYS order; `unit` and
+    `phase` only when set (service units), `dp_ranks` and `ready.headers` only when
+    set, unknown keys kept from parsing come last. `source` and `raw` never appear.
+    parse_spec(spec_to_dict(s)) == s, and spec_to_dict(parse_spec(d)) == d for every
+    d in this canonical form (what the planner emits).
+    """
+    out: Dict[str, Any] = {
+        "schema": SCHEMA,
+        "cluster": spec.cluster,
+        "node": spec.node,
+        "role": spec.role,
+    }
+    if spec.unit is not None:
+        out["unit"] = spec.unit
+    if spec.phase is not None:
+        out["phase"] = spec.phase
+    out.update({
+        "ip": spec.ip,
+        "instance": spec.instance,
+        "master": spec.master,
+        "engine": spec.engine,
+        "base_dir": spec.base_dir,
+        "dirs": dict(spec.dirs),
+        "grace_seconds": spec.grace_seconds,
+        "checks": {"paths": list(spec.check_paths), "devices": list(spec.check_devices),
+                   "commands": list(spec.check_commands)},
+        "nic": None if spec.nic is None else {
+            "ip": spec.nic.ip or None, "name": spec.nic.name, "env": list(spec.nic.env)},
+        "files": [{"path": f.path, "content": f.content, "mode": format(f.mode, "04o")}
+                  for f in spec.files],
+        "pre_start": [list(a) for a in spec.pre_start],
+        "processes": [_process_to_dict(p) for p in spec.processes],
+        "proxy": None if spec.proxy is None else copy.deepcopy(spec.proxy),
+    })
+    out.update(copy.deepcopy(spec.extra))
+    return out
+
+
+def dump_spec(spec: NodeSpec) -> str:
+    """spec_to_dict as the JSON text the planner prints (indent 2)."""
+    return json.dumps(spec_to_dict(spec), indent=2)
+
+
+# ----------------------------------------------------------------- relocating
+
+# What a relocated directory may contain: it is substituted into rendered files
+# (nginx.conf, JSON) where quotes, blanks or ; { } $ # would change their meaning.
+_SAFE_DIR_RE = re.compile(r"^/[A-Za-z0-9._/+@,=~:%-]*$")
+_PATH_CHARS = r"A-Za-z0-9._-"
+
+
+def relocate(spec: NodeSpec, new_dirs: Dict[str, Optional[str]]) -> NodeSpec:
+    """The spec with some of its directories moved (run --state-dir/--log-dir/--run-dir).
+
+    Every occurrence of an old directory (`dirs.<key>`) as a whole path or a path
+    prefix is replaced by the new one, everywhere the spec can name it: file paths
+    and contents, pre_start, argv, env values, ready probes, checks.paths and the
+    other dirs. "Whole path" means on path boundaries: the old directory is neither
+    preceded by a path character or `/` nor followed by a name character, so
+    /x/logs/C matches in `/x/logs/C/proxy_access.log` or `"/x/logs/C"` but not in
+    /x/logs/C2 or /y/x/logs/C. All replacements happen in one pass (longest old
+    directory first), so a new directory never gets replaced again. Raises
+    LauncherError (usage) for a new directory that cannot be substituted safely.
+    """
+    mapping: Dict[str, str] = {}
+    explicit: Dict[str, str] = {}
+    for key, new in new_dirs.items():
+        if not new:
+            continue
+        new = _norm_dir(new)
+        explicit[key] = new
+        old = spec.dirs.get(key)
+        if old is None or _norm_dir(old) == new:
+            continue
+        old = _norm_dir(old)
+        if old == "/":
+            raise LauncherError(f"cannot relocate dirs.{key} = / (every path is under it)",
+                                EXIT_USAGE)
+        if not _SAFE_DIR_RE.match(new):
+            raise LauncherError(
+                f"--{key}-dir {new!r}: only A-Z a-z 0-9 and . _ / + @ , = ~ : % - can be "
+                "substituted into the spec's files", EXIT_USAGE)
+        mapping[old] = new
+    if not mapping:
+        return replace(spec, dirs=dict(spec.dirs, **explicit))
+    olds = sorted(mapping, key=len, reverse=True)
+    alternatives = "|".join(re.escape(o) for o in olds)
+    pattern = re.compile(f"(?<![{_PATH_CHARS}/])({alternatives})(?![{_PATH_CHARS}])")
+
+    def sub(text: str) -> str:
+        return pattern.sub(lambda m: mapping[m.group(1)], text)
+
+    def sub_ready(ready: Optional[Ready]) -> Optional[Ready]:
+        if ready is None:
+            return None
+        return replace(ready, url=None if ready.url is None else sub(ready.url),
+                       headers={k: sub(x) for k, x in ready.headers.items()})
+
+    dirs = {k: explicit.get(k, sub(x)) for k, x in spec.dirs.items()}
+    dirs.update(explicit)
+    return replace(
+        spec,
+        dirs=dirs,
+        check_paths=[sub(x) for x in spec.check_paths],
+        files=[replace(f, path=sub(f.path), content=sub(f.content)) for f in spec.files],
+        pre_start=[[sub(a) for a in argv] for argv in spec.pre_start],
+        processes=[replace(p, argv=[sub(a) for a in p.argv],
+                           env={k: sub(x) for k, x in p.env.items()},
+                           ready=sub_ready(p.ready))
+                   for p in spec.processes],
+    )
+
+
+def _norm_dir(path: str) -> str:
+    return path.rstrip("/") or "/"
