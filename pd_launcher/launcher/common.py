@@ -1,12 +1,23 @@
 """Shared bits of the node launcher: exit codes, secret masking, small helpers.
 
+Secret masking and the state file name live in ``pd_launcher.nodeutil`` (shared
+with the Ansible modules) and are re-exported here.
 Standard library only, Python >= 3.9.
 """
 from __future__ import annotations
 
 import os
-import re
-from typing import Dict, Iterable, List, Mapping, Optional
+from typing import Iterable, List, Optional
+
+from ..nodeutil import (  # noqa: F401  (re-exported)
+    MASK,
+    STATE_FILE,
+    is_secret_env,
+    is_secret_flag,
+    mask_argv,
+    mask_env,
+    mask_text,
+)
 
 # Exit codes (also documented in README.md and cli.py).
 EXIT_OK = 0  # ok / clean stop / nothing to stop
@@ -16,12 +27,7 @@ EXIT_NODE = 3  # node check failed: port busy, path/device/command missing, NIC,
 EXIT_TIMEOUT = 4  # `wait` timed out
 EXIT_RUNNING = 5  # a launcher is already running on this state directory
 
-STATE_FILE = "launcher.json"
 LAUNCHER_LOG = "launcher.log"
-
-_SECRET_ENV_WORDS = ("KEY", "TOKEN", "SECRET", "PASSWORD")
-_SECRET_FLAG_WORDS = {"key", "token", "secret", "password", "apikey", "passwd"}
-MASK = "***"
 
 
 class LauncherError(Exception):
@@ -30,60 +36,6 @@ class LauncherError(Exception):
     def __init__(self, message: str, code: int) -> None:
         super().__init__(message)
         self.code = code
-
-
-def is_secret_env(name: str) -> bool:
-    upper = name.upper()
-    return any(word in upper for word in _SECRET_ENV_WORDS)
-
-
-def mask_env(env: Mapping[str, str]) -> Dict[str, str]:
-    return {k: (MASK if is_secret_env(k) else v) for k, v in env.items()}
-
-
-def is_secret_flag(flag: str) -> bool:
-    """`--api-key`, `--hf-token`, `--db_password`: a dash/underscore separated word is secret.
-
-    `--tokenizer` or `--max-num-batched-tokens` are not.
-    """
-    if not flag.startswith("-"):
-        return False
-    words = re.split(r"[-_]+", flag.lstrip("-").lower())
-    return any(w in _SECRET_FLAG_WORDS for w in words)
-
-
-def mask_argv(argv: Iterable[str]) -> List[str]:
-    """Replace the value of secret flags: `--api-key X` and `--api-key=X` become `***`."""
-    out: List[str] = []
-    hide_next = False
-    for arg in argv:
-        if hide_next:
-            out.append(MASK)
-            hide_next = False
-            continue
-        if arg.startswith("-") and "=" in arg:
-            flag, _, _value = arg.partition("=")
-            if is_secret_flag(flag):
-                out.append(flag + "=" + MASK)
-                continue
-        elif is_secret_flag(arg):
-            hide_next = True
-        out.append(arg)
-    return out
-
-
-_SECRET_IN_TEXT = re.compile(r"(?P<flag>--?[A-Za-z0-9_-]+)(?P<sep>[ =])(?P<value>\S+)")
-
-
-def mask_text(text: str) -> str:
-    """Mask secret flag values inside one string (a process title such as nginx's)."""
-
-    def repl(m: re.Match[str]) -> str:
-        if is_secret_flag(m.group("flag")):
-            return m.group("flag") + m.group("sep") + MASK
-        return m.group(0)
-
-    return _SECRET_IN_TEXT.sub(repl, text)
 
 
 def shell_quote_argv(argv: Iterable[str]) -> str:

@@ -5,7 +5,6 @@ are reported at once, before anything is started.
 """
 from __future__ import annotations
 
-import errno
 import ipaddress
 import os
 import shutil
@@ -14,7 +13,8 @@ import struct
 import subprocess
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
-from .spec import NodeSpec, Port
+from ..nodeutil import port_problem
+from .spec import NodeSpec
 
 # (interface, address, prefix length); the interface is the device name (labels
 # such as "eth0:1" are reduced to "eth0": *_SOCKET_IFNAME wants the device).
@@ -185,37 +185,12 @@ def check_commands(spec: NodeSpec, base_env: Optional[Dict[str, str]] = None) ->
     return errors
 
 
-def port_error(port: Port) -> Optional[str]:
-    """None when a server could bind `port` now; else why not.
-
-    The test socket sets SO_REUSEADDR like the servers we start (vLLM/uvicorn, nginx,
-    the emulator) do, so connections of a previous run lingering in TIME_WAIT do not
-    make a restart refuse; a listening socket or a bound socket without
-    SO_REUSEADDR still makes the bind fail.
-    """
-    host = port.host
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    s = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        s.bind((host, port.port))
-    except OSError as exc:
-        if exc.errno == errno.EADDRINUSE:
-            return f"port {port.label()} is already in use"
-        if exc.errno == errno.EADDRNOTAVAIL:
-            return f"cannot bind {port.label()}: address {host} is not on this node"
-        if exc.errno == errno.EACCES:
-            return f"cannot bind {port.label()}: permission denied"
-        return f"cannot bind {port.label()}: {exc.strerror or exc}"
-    finally:
-        s.close()
-    return None
-
-
 def check_ports(spec: NodeSpec) -> List[str]:
+    """Every port of the spec must be bindable now (``nodeutil.port_problem``: the same
+    test as the pd_preflight module, naming the holder of a busy port when it can)."""
     errors: List[str] = []
     for name, port in spec.all_ports():
-        err = port_error(port)
+        err = port_problem(port.host, port.port)
         if err:
             use = ", " + port.use if port.use else ""
             errors.append(f"{err} (process {name}{use})")

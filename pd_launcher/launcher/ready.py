@@ -2,8 +2,9 @@
 
 Probes (spec processes[].ready): ``http`` -> GET url (optional headers), ready on
 status 200; ``tcp`` -> a TCP connect succeeds; no probe -> ready once the state file
-lists it as running (at once when no state directory is known). Proxies from the
-environment (http_proxy, ...) are ignored: probes go straight to the node.
+lists it as running (at once when no state directory is known). The probes are
+``pd_launcher.nodeutil.probe_ready`` (shared with the pd_unit_info module): direct
+connections, whatever http_proxy, https_proxy, ALL_PROXY or no_proxy say.
 
 Exit 0 when all are ready; 4 on timeout (prints the processes not ready, the last
 probe error and the tail of their logs); 1 early when the state file shows that the
@@ -16,47 +17,17 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
-import socket
 import sys
 import time
-import urllib.error
-import urllib.request
 from typing import Any, Dict, List, Optional, TextIO, Tuple
 
+from ..nodeutil import probe_ready, read_state, same_pid_namespace, verify_recorded
 from .common import EXIT_CHILD, EXIT_OK, EXIT_TIMEOUT, tail_lines
 from .logs import process_log_path
-from .spec import NodeSpec, Process, Ready
-from .state import read_state
-from .stop import same_pid_namespace, verify_recorded
+from .spec import NodeSpec, Process
 
 LOG_TAIL = 20
 STALE_GRACE = 5.0
-
-
-def probe(ready: Optional[Ready], timeout: float = 2.0) -> Tuple[bool, str]:
-    """(ready?, detail)."""
-    if ready is None:
-        return True, "no probe"
-    if ready.type == "tcp":
-        try:
-            with socket.create_connection((str(ready.host), int(ready.port or 0)),
-                                          timeout=timeout):
-                return True, f"tcp {ready.host}:{ready.port} open"
-        except OSError as exc:
-            return False, f"tcp {ready.host}:{ready.port}: {exc}"
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    req = urllib.request.Request(str(ready.url), headers=dict(ready.headers), method="GET")
-    try:
-        with opener.open(req, timeout=timeout) as resp:
-            code = resp.status
-    except urllib.error.HTTPError as exc:
-        code = exc.code
-    except (OSError, ValueError) as exc:
-        reason = getattr(exc, "reason", exc)
-        return False, f"GET {ready.url}: {reason}"
-    if code == 200:
-        return True, f"GET {ready.url}: 200"
-    return False, f"GET {ready.url}: HTTP {code}"
 
 
 def launcher_gone(state_dir: Optional[str], since: float = 0.0) -> Optional[str]:
@@ -141,7 +112,7 @@ def wait_ready(spec: NodeSpec, timeout: float, interval: float, log_dir: Optiona
                 _tails(pending, log_dir, last, err)
                 return EXIT_CHILD
             probe_timeout = max(0.2, min(2.0, deadline - time.monotonic()))
-            futures = {name: pool.submit(probe, p.ready, probe_timeout)
+            futures = {name: pool.submit(probe_ready, p.ready, probe_timeout)
                        for name, p in pending.items() if p.ready is not None}
             for name in list(pending):
                 if name in futures:

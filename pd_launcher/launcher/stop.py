@@ -26,8 +26,9 @@ import os
 import signal
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Set, Tuple
+from typing import Any, Callable, Dict, List, Optional, Set
 
+from ..nodeutil import same_pid_namespace, verify_recorded
 from . import procinfo
 from .common import EXIT_CHILD, EXIT_OK, EXIT_USAGE
 from .state import read_state, remove_state, state_path
@@ -46,19 +47,9 @@ def _members(targets: List[Target]) -> Dict[int, Set[int]]:
     """sid -> set of live process groups in that session (only for the targets)."""
     wanted = {t.sid: t for t in targets}
     found: Dict[int, Set[int]] = {}
-    try:
-        names = os.listdir("/proc")
-    except OSError:
-        return found
-    for name in names:
-        if not name.isdigit():
-            continue
-        st = procinfo.read_stat(int(name))
-        if st is None or st.zombie or st.session not in wanted:
-            continue
-        if st.start_time < wanted[st.session].min_start:
-            continue
-        found.setdefault(st.session, set()).add(st.pgrp)
+    for st in procinfo.live_processes():
+        if st.session in wanted and st.start_time >= wanted[st.session].min_start:
+            found.setdefault(st.session, set()).add(st.pgrp)
     return found
 
 
@@ -115,34 +106,6 @@ def terminate(targets: List[Target], grace: float, log: logging.Logger,
                 break
             time.sleep(POLL)
     return list(pending.values())
-
-
-def verify_recorded(rec: Dict[str, Any]) -> Tuple[str, str]:
-    """("ours" | "gone" | "mismatch", detail) for a recorded process or launcher."""
-    try:
-        pid = int(rec["pid"])
-        start = int(rec["start_time"])
-    except (KeyError, TypeError, ValueError):
-        return "mismatch", "state entry without pid/start_time"
-    st = procinfo.read_stat(pid)
-    if st is None or st.zombie:
-        return "gone", f"pid {pid} is not running"
-    if st.start_time != start:
-        return "mismatch", (f"pid {pid} now belongs to another process (start time "
-                            f"{st.start_time}, recorded {start}): PID reused")
-    current = procinfo.read_cmdline(pid)
-    argv = rec.get("argv") or rec.get("cmdline") or []
-    if not procinfo.cmdline_matches(list(argv), rec.get("cmdline"), current):
-        recorded = rec.get("cmdline") or argv
-        return "mismatch", (f"pid {pid} command line {current!r} does not match the "
-                            f"recorded {recorded!r}")
-    return "ours", f"pid {pid}"
-
-
-def same_pid_namespace(state: Dict[str, Any]) -> bool:
-    recorded = state.get("pid_namespace")
-    mine = procinfo.pid_namespace()
-    return not recorded or not mine or recorded == mine
 
 
 def stop_recorded_processes(state: Dict[str, Any], grace: float,

@@ -1,12 +1,13 @@
 """Node facts: NIC lookup, port/path/device/command checks, --check mode, refusal (exit 3)."""
 from __future__ import annotations
 
+import os
 import socket
 
 import pytest
 
 from pd_launcher.launcher import nodefacts
-from pd_launcher.launcher.spec import Port
+from pd_launcher.nodeutil import port_problem
 
 from .conftest import PY, free_port, py_proc
 
@@ -43,16 +44,16 @@ def test_address_sources_agree_on_loopback():
 
 def test_port_check_detects_listener_and_foreign_address():
     port = free_port("127.0.1.5")
-    assert nodefacts.port_error(Port("127.0.1.5", port)) is None
+    assert port_problem("127.0.1.5", port) is None
     s = socket.socket()
     s.bind(("127.0.1.5", port))
     s.listen()
     try:
-        err = nodefacts.port_error(Port("127.0.1.5", port))
-        assert err and "already in use" in err
+        err = port_problem("127.0.1.5", port)
+        assert err and f"port 127.0.1.5:{port} is already in use by pid {os.getpid()} (" in err
     finally:
         s.close()
-    err = nodefacts.port_error(Port("192.0.2.254", port))  # TEST-NET-1, not on this node
+    err = port_problem("192.0.2.254", port)  # TEST-NET-1, not on this node
     assert err and "not on this node" in err
 
 

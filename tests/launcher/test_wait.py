@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from pd_launcher.launcher.ready import probe
 from pd_launcher.launcher.spec import Ready
+from pd_launcher.nodeutil import probe_ready as probe
 
 from .conftest import HTTP_SERVER, PY, free_port, py_env, py_proc
 
