@@ -7,7 +7,8 @@
   and detection of the proxy closing the connection.
 * `Proxy`: renders pd_deploy.proxy_config.proxy_unit into a temporary run dir and runs
   nginx and the proxy agent exactly as the node launcher would (pre_start, then
-  the processes' argv), on its own 127.0.1.x address.
+  the processes' argv), on its own 127.0.1.x address. With `router=[...]` the block
+  is a router-mode block (nginx in front of an engine's own router).
 * `http()` / `stream()`: small synchronous clients (http.client / raw socket).
 """
 from __future__ import annotations
@@ -266,8 +267,8 @@ def backends(aloop):
 
 
 class Proxy:
-    def __init__(self, tmp: Path, prefill: list[str], decode: list[str], options: dict,
-                 agent: bool = True):
+    def __init__(self, tmp: Path, prefill: list[str] | None, decode: list[str] | None,
+                 options: dict, agent: bool = True, router: list[str] | None = None):
         from pd_deploy.proxy_config import proxy_unit
 
         self.host = PROXY_HOST
@@ -278,8 +279,14 @@ class Proxy:
                      "run": str(tmp / "run")}
         for d in self.dirs.values():
             os.makedirs(d, exist_ok=True)
-        self.block = {"listen": f"{self.host}:{self.port}", "prefill": prefill,
-                      "decode": decode, "served_model_name": "demo-model", "options": opts}
+        if router is not None:
+            self.block = {"listen": f"{self.host}:{self.port}", "mode": "router",
+                          "router": router, "served_model_name": "demo-model",
+                          "options": opts}
+        else:
+            self.block = {"listen": f"{self.host}:{self.port}", "prefill": prefill,
+                          "decode": decode, "served_model_name": "demo-model",
+                          "options": opts}
         self.unit = proxy_unit(self.block, self.dirs, nginx_bin=NGINX)
         for f in self.unit["files"]:
             Path(f["path"]).write_text(f["content"])
@@ -369,8 +376,10 @@ class Proxy:
 def proxy_factory(tmp_path):
     made: list[Proxy] = []
 
-    def make(prefill: list[str], decode: list[str], agent: bool = True, **options) -> Proxy:
-        px = Proxy(tmp_path / f"px{len(made)}", prefill, decode, options, agent=agent)
+    def make(prefill: list[str] | None = None, decode: list[str] | None = None,
+             agent: bool = True, router: list[str] | None = None, **options) -> Proxy:
+        px = Proxy(tmp_path / f"px{len(made)}", prefill, decode, options, agent=agent,
+                   router=router)
         made.append(px)
         return px
 
