@@ -36,6 +36,12 @@ from .state import atomic_write, remove_state, write_state
 from .stop import Target, terminate
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+# Proxy settings are not passed on to what the launcher starts: engines and services
+# talk to node-local and cluster addresses (KV transfer, DP rendezvous, coordinators),
+# which a proxy inherited from a login shell or a container image would break. A
+# process gets one only when its spec env sets it (the inventory asks via pd_env).
+PROXY_ENV = ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY",
+             "all_proxy", "no_proxy", "NO_PROXY")
 PRE_START_TIMEOUT = 300.0
 LOOP_INTERVAL = 1.0
 LOG_TAIL = 20
@@ -104,9 +110,13 @@ class Supervisor:
         }
 
     # ---- environment -------------------------------------------------------------
-    def child_env(self, proc: Process) -> Dict[str, str]:
-        env = dict(os.environ)
-        env.update(proc.env)
+    def child_env(self, proc: Optional[Process] = None) -> Dict[str, str]:
+        """Environment of a process (or, without one, of the pre_start commands): the
+        launcher's own without proxy settings (PROXY_ENV), then the process's spec env
+        (which may set a proxy on purpose), then the NIC variables."""
+        env = {k: v for k, v in os.environ.items() if k not in PROXY_ENV}
+        if proc is not None:
+            env.update(proc.env)
         if self.nic_name and self.spec.nic is not None:
             for var in self.spec.nic.env:
                 env[var] = self.nic_name
@@ -236,10 +246,7 @@ class Supervisor:
             self.log.info("wrote %s (mode %04o, %d bytes)", f.path, f.mode, len(f.content))
 
     def run_pre_start(self) -> None:
-        base = dict(os.environ)
-        if self.nic_name and self.spec.nic is not None:
-            for var in self.spec.nic.env:
-                base[var] = self.nic_name
+        base = self.child_env()
         out_path = os.path.join(self.log_dir, "pre_start.log")
         for i, argv in enumerate(self.spec.pre_start):
             if self.stop_requests:
@@ -342,6 +349,10 @@ class Supervisor:
 
     def _run(self) -> int:
         self.save_state()
+        dropped = sorted(k for k in PROXY_ENV if k in os.environ)
+        if dropped:
+            self.log.info("not passing %s to the processes (set in a process's env to pass it)",
+                          ", ".join(dropped))
         code = EXIT_OK
         try:
             try:

@@ -157,15 +157,17 @@ class Env:
         path.write_text(json.dumps(spec, indent=1))
         return path
 
-    def cli(self, *args: str, timeout: float = 60, py: str = PY) -> subprocess.CompletedProcess:
-        return subprocess.run([py, "-m", "pd_launcher", *args], env=py_env(), cwd=str(self.tmp),
-                              capture_output=True, text=True, timeout=timeout)
+    def cli(self, *args: str, timeout: float = 60, py: str = PY,
+            env: Optional[Dict[str, str]] = None) -> subprocess.CompletedProcess:
+        return subprocess.run([py, "-m", "pd_launcher", *args], env=py_env(env),
+                              cwd=str(self.tmp), capture_output=True, text=True, timeout=timeout)
 
     def start(self, spec_path: Path, *args: str, py: str = PY,
-              prefix: Optional[List[str]] = None) -> subprocess.Popen:
+              prefix: Optional[List[str]] = None,
+              env: Optional[Dict[str, str]] = None) -> subprocess.Popen:
         out = open(self.tmp / f"launcher{len(self.launchers)}.out", "w")
         argv = list(prefix or []) + [py, "-m", "pd_launcher", "run", str(spec_path), *args]
-        p = subprocess.Popen(argv, env=py_env(), cwd=str(self.tmp), stdout=out,
+        p = subprocess.Popen(argv, env=py_env(env), cwd=str(self.tmp), stdout=out,
                              stderr=subprocess.STDOUT, text=True)
         p.out_path = out.name  # type: ignore[attr-defined]
         out.close()
