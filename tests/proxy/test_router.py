@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -335,6 +336,20 @@ def test_limits_and_errors(routers, proxy_factory):
         st, h, data = post(px.url + path, big, {"X-Request-Id": "big-1"})
         assert st == 413 and h["content-type"] == "application/json"
         assert json.loads(data)["error"]["code"] == 413 and h["x-request-id"] == "big-1"
+    # chunked upload over the limit, too
+    s = socket.create_connection((px.host, px.port), timeout=5)
+    payload = json.dumps(big).encode()
+    s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+              b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n"
+              b"Connection: close\r\n\r\n" + b"%x\r\n" % len(payload) + payload
+              + b"\r\n0\r\n\r\n")
+    resp = b""
+    while chunk := s.recv(65536):
+        resp += chunk
+    s.close()
+    assert resp.startswith(b"HTTP/1.1 413"), resp[:100]
+    assert b'"RequestTooLargeError"' in resp
+    assert r.gen_requests() == []
     assert post(px.url + "/v1/completions", COMPLETION)[0] == 200   # under the limit
     for path in ("/", "/v1/embeddings", "/v2/generate", "/v1/completions/x"):
         st, h, data = http("GET", px.url + path)
@@ -423,4 +438,44 @@ def test_http_probe_path(routers, proxy_factory):
         time.sleep(0.1)
     (u,) = health(px)["pools"]["router"]["upstreams"]
     assert u["active"] == "up" and u["healthy"]
+    assert post(px.url + "/v1/completions", COMPLETION)[0] == 200
+
+
+def test_router_errors_pass_through_and_timeouts(routers, proxy_factory):
+    """The router's own error status and body reach the client, not retried on the
+    other router; no response header within router_timeout_s is a 504 JSON."""
+    r0, r1 = routers(2)
+    px = proxy_factory(router=[r0.addr, r1.addr], router_timeout_s=1, max_fails=0)
+    for r in (r0, r1):
+        r.fault_always = {"kind": "status", "status": 503,
+                          "body": b'{"error": "no instance registered"}'}
+    st, h, data = post(px.url + "/v1/completions", COMPLETION, {"X-Request-Id": "e-1"})
+    assert st == 503 and json.loads(data) == {"error": "no instance registered"}
+    assert h["x-request-id"] == "e-1"
+    assert len(r0.gen_requests()) + len(r1.gen_requests()) == 1
+    for r in (r0, r1):
+        r.fault_always = {"kind": "sleep", "s": 2.5}
+    t0 = time.monotonic()
+    st, _, data = post(px.url + "/v1/chat/completions", CHAT)
+    assert st == 504 and json.loads(data)["error"]["type"] == "GatewayTimeoutError"
+    assert time.monotonic() - t0 < 2.5                    # one try: the POST was sent
+    assert len(r0.gen_requests()) + len(r1.gen_requests()) == 2
+
+
+def test_client_disconnect_closes_router_connection(routers, proxy_factory):
+    (r,) = routers(1)
+    r.gate = threading.Event()                    # hold the stream after chunk 1
+    px = proxy_factory(router=[r.addr])
+    s, f, status, _ = open_stream(px.url + "/v1/completions",
+                                  dict(COMPLETION, stream=True, max_tokens=50))
+    assert b" 200 " in status
+    assert b"t0" in read_chunk(f)
+    s.shutdown(socket.SHUT_RDWR)
+    s.close()
+    deadline = time.monotonic() + 5
+    while not r.closed_by_peer and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert r.closed_by_peer, "the router connection stayed open after the client left"
+    assert len(r.chunk_times) == 1
+    r.gate.set()
     assert post(px.url + "/v1/completions", COMPLETION)[0] == 200
