@@ -77,3 +77,97 @@ def test_metrics_text_parses_and_counts(tmp_path):
     hv = a.health_view()
     assert hv["pools"]["prefill"]["healthy"] == 2 and hv["status"] == "ok"
     json.dumps(hv)
+
+
+# ------------------------------------------------------------------ router mode
+
+ROUTER_POOLS = {"router": {"name": "pd_router", "servers": ["10.0.0.7:9", "10.0.0.8:9"]}}
+
+
+def router_agent(tmp_path, path=None) -> Agent:
+    return Agent({"listen": "127.0.0.1:0", "mode": "router",
+                  "access_log": str(tmp_path / "a.log"), "pid_path": "",
+                  "upstreams_path": "", "pools": ROUTER_POOLS, "fail_timeout_s": 10,
+                  "max_fails": 1, "health": {"enabled": True, "path": path,
+                                             "interval_s": 5, "timeout_s": 1, "fails": 1,
+                                             "passes": 1}})
+
+
+def router_line(**kw) -> dict:
+    base = {"route": "/v1/completions", "status": 200, "mode": "router",
+            "upstream": "10.0.0.7:9", "upstream_status": "200", "upstream_ttfb": 0.01,
+            "upstream_time": 0.3, "total_time": 0.31, "bytes_sent": 50, "retries": 0}
+    base.update(kw)
+    return base
+
+
+def test_router_mode_metrics(tmp_path):
+    a = router_agent(tmp_path)
+    a.metrics.add(router_line(), 1.0)
+    a.metrics.add(router_line(route="/v1/chat/completions", status=502,
+                              upstream="10.0.0.7:9, 10.0.0.8:9", upstream_status="502, 502",
+                              upstream_ttfb=None, upstream_time=None, retries=1), 1.0)
+    a.metrics.add(router_line(route="/v1/completions", status=502, upstream="pd_router",
+                              upstream_status="502", upstream_ttfb=None,
+                              upstream_time=None), 1.0)
+    a.metrics.add(router_line(route="/v1/models", mode="-"), 1.0)
+    a.metrics.add(router_line(route="/metrics", mode="-", upstream="127.0.0.1:1"), 1.0)
+    # nginx's passive view: a 502 from nginx (connect error) counts
+    assert a.metrics.passive_failing("router", "10.0.0.8:9", 2.0, 10, 1)
+    m = parse_metrics(a.metrics_text())
+    assert metric(m, "pd_proxy_pd_requests_total", mode="router") == 3
+    assert metric(m, "pd_proxy_requests_total", route="/v1/models", status="200") == 1
+    assert metric(m, "pd_proxy_router_first_byte_seconds_count") == 1
+    assert metric(m, "pd_proxy_router_duration_seconds_count") == 1
+    assert metric(m, "pd_proxy_retries_total", leg="router") == 1
+    assert metric(m, "pd_proxy_upstream_attempts_total", pool="router",
+                  upstream="10.0.0.7:9") == 3
+    assert metric(m, "pd_proxy_upstream_failures_total", pool="router",
+                  upstream="10.0.0.8:9") == 1
+    assert metric(m, "pd_proxy_no_live_upstreams_total", pool="router") == 1
+    assert not any(name.startswith(("pd_proxy_prefill", "pd_proxy_decode"))
+                   for name, _ in m)
+    hv = a.health_view()
+    assert list(hv["pools"]) == ["router"] and hv["pools"]["router"]["total"] == 2
+
+
+def test_router_probe_is_tcp_unless_a_path_is_set(tmp_path):
+    import socket
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    class H(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            self.send_response(404 if self.path == "/health" else 200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *a):
+            pass
+
+    srv = HTTPServer(("127.0.0.1", 0), H)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    up = f"127.0.0.1:{srv.server_address[1]}"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = f"127.0.0.1:{s.getsockname()[1]}"
+    try:
+        tcp = router_agent(tmp_path)
+        assert tcp.probe(up) is None                        # no /health needed
+        assert tcp.probe(closed).startswith("ConnectionRefusedError")
+        assert router_agent(tmp_path, "/health").probe(up) == "status 404"
+        assert router_agent(tmp_path, "/openapi.json").probe(up) is None
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+def test_last_router_is_never_written_down(tmp_path, monkeypatch):
+    a = router_agent(tmp_path)
+    bad = {"10.0.0.8:9"}
+    monkeypatch.setattr(a, "probe", lambda addr: "refused" if addr in bad else None)
+    assert a.check_once() and a.down == {"router": {"10.0.0.8:9"}}
+    bad.add("10.0.0.7:9")
+    assert a.check_once() and a.down == {"router": set()}    # all failing: none out
+    states = a.health_view()["pools"]["router"]["upstreams"]
+    assert [u["active"] for u in states] == ["down", "down"]
