@@ -1,10 +1,16 @@
 """Node launcher commands: run, stop, wait (standard library only, Python >= 3.9).
 
-    python -m pd_launcher run SPEC.json [--log-dir DIR] [--state-dir DIR] [--grace S]
-                                        [--check] [--log-max-bytes N] [--log-backups N]
+    python -m pd_launcher run SPEC.json [--log-dir DIR] [--state-dir DIR] [--run-dir DIR]
+                                        [--grace S] [--check] [--log-max-bytes N]
+                                        [--log-backups N]
     python -m pd_launcher stop --state-dir DIR [--grace S]
     python -m pd_launcher wait SPEC.json --timeout S [--interval S] [--state-dir DIR]
-                                         [--log-dir DIR]
+                                         [--log-dir DIR] [--run-dir DIR]
+
+--log-dir, --state-dir and --run-dir move the spec's dirs.log, dirs.state and dirs.run:
+every path under the old directory in the spec (files and their contents, pre_start,
+argv, env, ready probes) is rewritten to the new one (spec.relocate). Moving the state
+directory moves the run directory along to <state-dir>/run unless --run-dir is given.
 
 Exit codes:
     0  ok; clean stop; nothing to stop; --check passed; wait: all ready
@@ -34,7 +40,7 @@ from .common import (
     mask_env,
     shell_quote_argv,
 )
-from .spec import NodeSpec, load_spec
+from .spec import NodeSpec, load_spec, relocate
 from .state import read_state, state_path
 
 
@@ -60,6 +66,7 @@ def _parser(cmd: str) -> _Parser:
         p.add_argument("spec")
         p.add_argument("--log-dir")
         p.add_argument("--state-dir")
+        p.add_argument("--run-dir")
         p.add_argument("--grace", type=_positive, help="SIGTERM->SIGKILL grace (s)")
         p.add_argument("--check", action="store_true",
                        help="validate spec and node, print what would run, start nothing")
@@ -74,12 +81,26 @@ def _parser(cmd: str) -> _Parser:
         p.add_argument("--interval", type=_positive, default=1.0)
         p.add_argument("--state-dir")
         p.add_argument("--log-dir")
+        p.add_argument("--run-dir")
     return p
 
 
-def _dirs(spec: NodeSpec, state_dir: Optional[str], log_dir: Optional[str]):
-    state = state_dir or spec.dirs.get("state")
-    log = log_dir or spec.dirs.get("log")
+def _placed(spec: NodeSpec, state_dir: Optional[str], log_dir: Optional[str],
+            run_dir: Optional[str]) -> NodeSpec:
+    """The spec moved to the directories of the command line (spec.relocate): a spec
+    rendered for other directories (nginx.conf naming dirs.log, say) follows them."""
+    new = {k: os.path.abspath(v) for k, v in
+           (("state", state_dir), ("log", log_dir), ("run", run_dir)) if v}
+    old_state = spec.dirs.get("state")
+    if ("state" in new and "run" not in new and spec.dirs.get("run")
+            and (old_state is None or os.path.abspath(old_state) != new["state"])):
+        new["run"] = os.path.join(new["state"], "run")  # run-time files follow the state
+    return relocate(spec, new)
+
+
+def _dirs(spec: NodeSpec):
+    state = spec.dirs.get("state")
+    log = spec.dirs.get("log")
     missing = [n for n, v in (("state", state), ("log", log)) if not v]
     if missing:
         raise LauncherError("no {} directory: set dirs.{} in the spec or pass {}".format(
@@ -95,7 +116,8 @@ def _print_plan(spec: NodeSpec, nic: Optional[str], state_dir: str, log_dir: str
     w = out.write
     w(f"node spec {spec.source}: cluster {spec.cluster}, node {spec.node}, "
       f"role {spec.role}, ip {spec.ip}\n")
-    w(f"state dir {state_dir}, log dir {log_dir}, grace {grace:.1f}s\n")
+    w(f"state dir {state_dir}, log dir {log_dir}, run dir {spec.dirs.get('run') or '-'}, "
+      f"grace {grace:.1f}s\n")
     if spec.nic is not None:
         nic_env = " ".join(f"{v}={nic or '?'}" for v in spec.nic.env) or "(no env)"
         w(f"nic: {nic or '?'} holds {spec.nic.ip or '-'} -> {nic_env}\n")
@@ -167,8 +189,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .nodefacts import check_node
     from .supervisor import Supervisor
 
-    spec = load_spec(args.spec)
-    state_dir, log_dir = _dirs(spec, args.state_dir, args.log_dir)
+    spec = _placed(load_spec(args.spec), args.state_dir, args.log_dir, args.run_dir)
+    state_dir, log_dir = _dirs(spec)
     grace = spec.grace_seconds if args.grace is None else args.grace
     log = logs.setup_launcher_logger(None if args.check else log_dir, args.log_max_bytes,
                                      args.log_backups)
@@ -212,11 +234,11 @@ def cmd_stop(args: argparse.Namespace) -> int:
 def cmd_wait(args: argparse.Namespace) -> int:
     from .ready import wait_ready
 
-    spec = load_spec(args.spec)
+    spec = _placed(load_spec(args.spec), args.state_dir, args.log_dir, args.run_dir)
     # The spec's state dir counts even before the launcher has created it: `wait`
     # started right after `run` must not decide that there is no state to watch.
-    state_dir = args.state_dir or spec.dirs.get("state") or None
-    log_dir = args.log_dir or spec.dirs.get("log")
+    state_dir = spec.dirs.get("state") or None
+    log_dir = spec.dirs.get("log")
     return wait_ready(spec, args.timeout, args.interval, log_dir, state_dir)
 
 

@@ -537,7 +537,7 @@ def dump_spec(spec: NodeSpec) -> str:
 # What a relocated directory may contain: it is substituted into rendered files
 # (nginx.conf, JSON) where quotes, blanks or ; { } $ # would change their meaning.
 _SAFE_DIR_RE = re.compile(r"^/[A-Za-z0-9._/+@,=~:%-]*$")
-_PATH_CHARS = r"A-Za-z0-9._-"
+_PATH_CHARS = r"A-Za-z0-9._\-"
 
 
 def relocate(spec: NodeSpec, new_dirs: Dict[str, Optional[str]]) -> NodeSpec:
@@ -561,8 +561,8 @@ def relocate(spec: NodeSpec, new_dirs: Dict[str, Optional[str]]) -> NodeSpec:
         new = _norm_dir(new)
         explicit[key] = new
         old = spec.dirs.get(key)
-        if old is None or _norm_dir(old) == new:
-            continue
+        if old is None or not old.startswith("/") or _norm_dir(old) == new:
+            continue  # nothing to rewrite (a relative dirs.* names no path in the spec)
         old = _norm_dir(old)
         if old == "/":
             raise LauncherError(f"cannot relocate dirs.{key} = / (every path is under it)",
