@@ -15,6 +15,7 @@ them with. `python -m pd_deploy.specs` prints the example of docs/node-spec.md.
 """
 from __future__ import annotations
 
+import json
 from typing import Any, Iterable
 
 from pd_deploy.engines.base import PHASES, FrontDoor, Service
@@ -247,3 +248,162 @@ def unit_phase(spec: dict[str, Any]) -> str:
     if spec["role"] in ("P", "D"):
         return "engines"
     return spec.get("phase") or "front-door"
+
+
+# ---------------------------------------------------------------- docs/node-spec.md
+# The example of docs/node-spec.md is printed from this inventory by
+# `python -m pd_deploy.specs`; tests/unit/test_spec_contract.py checks that the
+# document holds exactly that text.
+
+EXAMPLE_INVENTORY: tuple[dict[str, list[str]], dict[str, dict[str, Any]]] = (
+    {"P": ["p1"], "D": ["d1", "d2"], "C": ["c1"]},
+    {
+        "p1": {"ansible_host": "10.0.0.1"},
+        "d1": {"ansible_host": "10.0.0.3", "pd_dp_mode": "internal"},
+        "d2": {"ansible_host": "10.0.0.4", "host_ip": "10.0.0.3", "pd_dp_mode": "internal"},
+        "c1": {"ansible_host": "10.0.0.9"},
+    },
+)
+EXAMPLE_VARS = {"pd_cluster_name": "demo", "pd_engine": "vllm-ascend",
+                "pd_model_path": "/models/demo-model", "pd_devices_per_node": 2}
+
+_NOTES: dict[tuple[Any, ...], str] = {
+    ("schema",): "always 1",
+    ("cluster",): "pd_cluster_name",
+    ("node",): "inventory hostname",
+    ("role",): "P | D | C (C: front door and services)",
+    ("unit",): "service units only: the unit's name",
+    ("phase",): "service units only: before-engines | after-engines",
+    ("ip",): "node (data-plane) IP; services bind here",
+    ("instance",): "engine instance (null on C hosts)",
+    ("master",): "this node is its instance's master",
+    ("engine",): "pd_engine (service units: the backend; C: nginx)",
+    ("base_dir",): "pd_base_dir (informative)",
+    ("dirs",): "run --state-dir/--log-dir/--run-dir move them",
+    ("grace_seconds",): "SIGTERM -> SIGKILL grace",
+    ("checks",): "checked before anything starts",
+    ("checks", "paths"): "must exist (model path; empty for the emulator)",
+    ("checks", "devices"): "must exist",
+    ("checks", "commands"): "must be on PATH",
+    ("nic",): "null when no variable needs the NIC name",
+    ("nic", "ip"): "the launcher finds the interface holding it",
+    ("nic", "name"): "`nic` of the inventory: no lookup",
+    ("nic", "env"): "set to the NIC name in every process",
+    ("files",): "written atomically before pre_start",
+    ("files", 0, "mode"): "octal string; default 0644",
+    ("pre_start",): "argv lists run in order; non-zero exit: no start",
+    ("processes",): "at least one",
+    ("processes", 0, "name"): "unique in the spec; log <log>/<name>.log",
+    ("processes", 0, "argv"): "run as is (no shell)",
+    ("processes", 0, "env"): "added to the launcher's environment",
+    ("processes", 0, "ports"): "every port it binds: checked free before start",
+    ("processes", 0, "ready"): "http: GET url == 200 (optional headers) | tcp",
+    ("processes", 0, "dp_ranks"): "informative: global DP ranks it serves",
+    ("proxy",): "C only: the front door block (below)",
+}
+
+
+def _jsonc(value: Any, notes: dict[tuple[Any, ...], str], path: tuple[Any, ...] = (),
+           indent: int = 0, prefix: str = "", width: int = 88) -> list[list[Any]]:
+    """[text, note] lines of JSON: a container on one line when it fits, lists of
+    scalars filled like a paragraph; note: a // comment for that key's line."""
+    pad = " " * indent
+    note = notes.get(path)
+    flat = json.dumps(value)
+    if not isinstance(value, (dict, list)) or not value or len(pad + prefix + flat) <= width:
+        return [[pad + prefix + flat, note]]
+    if isinstance(value, list) and not any(isinstance(x, (dict, list)) for x in value):
+        lines: list[list[Any]] = [[pad + prefix + "[", note]]
+        cur = ""
+        for i, item in enumerate(value):
+            piece = json.dumps(item) + ("," if i < len(value) - 1 else "")
+            if cur and len(pad) + 2 + len(cur) + 1 + len(piece) > width:
+                lines.append([pad + "  " + cur, None])
+                cur = ""
+            cur = f"{cur} {piece}" if cur else piece
+        return lines + [[pad + "  " + cur, None], [pad + "]", None]]
+    is_dict = isinstance(value, dict)
+    lines = [[pad + prefix + ("{" if is_dict else "["), note]]
+    entries = list(value.items()) if is_dict else list(enumerate(value))
+    for n, (k, v) in enumerate(entries):
+        sub = _jsonc(v, notes, path + (k,), indent + 2, f"{json.dumps(k)}: " if is_dict else "",
+                     width)
+        if n < len(entries) - 1:
+            sub[-1][0] += ","
+        lines += sub
+    return lines + [[pad + ("}" if is_dict else "]"), None]]
+
+
+_C_NOTES: dict[tuple[Any, ...], str] = {
+    ("checks", "paths"): "the njs module",
+    ("files",): "the front door's configuration (docs/proxy.md)",
+    ("pre_start",): "nginx -t: a bad configuration starts nothing",
+    ("processes", 0, "name"): "nginx in the foreground",
+    ("processes", 1, "name"): "health checks, metrics, upstream updates",
+    ("proxy",): "the front door block (below)",
+}
+
+
+def _jsonc_lines(value: Any, notes: dict[tuple[Any, ...], str] | None = None
+                 ) -> list[list[Any]]:
+    return _jsonc(value, notes or {})
+
+
+def _jsonc_text(lines: list[list[Any]]) -> str:
+    """A note goes after its line, or on a line of its own above a long one."""
+    out = []
+    for text, note in lines:
+        if not note:
+            out.append(text)
+        elif len(text) <= 40:
+            out.append(f"{text.ljust(40)} // {note}")
+        else:
+            out.append(" " * (len(text) - len(text.lstrip())) + f"// {note}")
+            out.append(text)
+    return "\n".join(out)
+
+
+def example_markdown() -> str:
+    """The generated part of docs/node-spec.md (between its BEGIN/END markers)."""
+    from pd_deploy.topology import build_plan
+
+    groups, hostvars = EXAMPLE_INVENTORY
+    plan = build_plan(groups, {h: dict(EXAMPLE_VARS, **v) for h, v in hostvars.items()})
+    specs = node_specs(plan)
+    c1 = specs["c1"]["C"]
+    c1 = dict(c1, files=[dict(f, content="...") for f in c1["files"]])
+    svc = Service(name="registry", phase="before-engines", processes=[Process(
+        name="registry", argv=["etcd", "--listen-client-urls", "http://10.0.0.9:2379"])])
+    svc_spec = spec_to_dict(service_spec(plan, plan.proxies[0], svc))
+    head = _jsonc_lines({k: svc_spec[k] for k in ("schema", "cluster", "node", "role",
+                                                   "unit", "phase", "ip")}, _NOTES)
+    head[-2][0] += ","
+    head.insert(-1, ["  ...", None])
+    parts = [
+        "A prefill node with two DP ranks (vLLM-Ascend, external DP), "
+        "`--node p1 --role P`:",
+        "",
+        "```jsonc", _jsonc_text(_jsonc_lines(specs["p1"]["P"], _NOTES)), "```",
+        "",
+        "A non-master node of an internal-DP instance runs one `--headless` process, "
+        "ready when its first KV port accepts connections (`--node d2`, `processes` only):",
+        "",
+        "```jsonc", _jsonc_text(_jsonc_lines({"processes": specs["d2"]["D"]["processes"]})),
+        "```",
+        "",
+        "The front door, `--node c1 --role C` (file contents left out):",
+        "",
+        "```jsonc", _jsonc_text(_jsonc_lines(c1, _C_NOTES)), "```",
+        "",
+        "A service unit (a unit that a backend's `services()` adds on C hosts, here a "
+        "made-up `registry`) also has `unit` and `phase`:",
+        "",
+        "```jsonc", _jsonc_text(head), "```",
+    ]
+    return "\n".join(parts) + "\n"
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.stdout.write(example_markdown())
