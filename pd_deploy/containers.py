@@ -23,10 +23,12 @@ from typing import Any, Iterable, Mapping
 LABEL_CLUSTER = "pd.cluster"
 LABEL_NODE = "pd.node"
 LABEL_ROLE = "pd.role"
+LABEL_UNIT = "pd.unit"  # services only: P, D and C (the front door) are named by pd.role
 LABEL_SPEC = "pd.spec-sha256"
 LABEL_LAUNCHER = "pd.launcher-sha256"
 LABEL_RUN = "pd.run-sha256"
-IDENTITY_LABELS = (LABEL_CLUSTER, LABEL_NODE, LABEL_ROLE)
+IDENTITY_LABELS = (LABEL_CLUSTER, LABEL_NODE, LABEL_ROLE, LABEL_UNIT)
+UNIT_ROLES = ("P", "D", "C")
 
 # `<cli> stop -t` and `run --stop-timeout`: the launcher's own grace (SIGTERM -> SIGKILL of
 # its children) plus this margin, so the runtime's SIGKILL never cuts the grace short.
@@ -52,23 +54,48 @@ def _is_engine(spec: Mapping[str, Any]) -> bool:
     return spec.get("role") in ("P", "D")
 
 
+def unit_name(spec: Mapping[str, Any]) -> str:
+    """The unit a spec describes: P, D, C (the front door) or a service name."""
+    return str(spec.get("unit") or spec["role"])
+
+
 def unit_labels(spec: Mapping[str, Any]) -> dict[str, str]:
-    """The labels that say whose container it is: cluster, node, role."""
-    return {LABEL_CLUSTER: str(spec["cluster"]), LABEL_NODE: str(spec["node"]),
-            LABEL_ROLE: str(spec["role"])}
+    """The labels that say whose container it is: cluster, node, role, and for a service
+    (a unit on a C host that is not the front door) its name as pd.unit."""
+    labels = {LABEL_CLUSTER: str(spec["cluster"]), LABEL_NODE: str(spec["node"]),
+              LABEL_ROLE: str(spec["role"])}
+    if unit_name(spec) not in UNIT_ROLES:
+        labels[LABEL_UNIT] = unit_name(spec)
+    return labels
 
 
 def container_name(spec: Mapping[str, Any]) -> str:
-    """``pd-<cluster>-<node>-<role>``, as roles/node_unit/tasks/paths.yml names it."""
-    return f"pd-{spec['cluster']}-{spec['node']}-{str(spec['role']).lower()}"
+    """``pd-<cluster>-<node>-<unit>`` (unit in lower case: p, d, c or the service name),
+    as roles/node_unit/tasks/paths.yml names it."""
+    return f"pd-{spec['cluster']}-{spec['node']}-{unit_name(spec).lower()}"
 
 
 def label_filters(spec: Mapping[str, Any]) -> list[str]:
-    """``ps`` arguments selecting exactly this unit's containers (label filters AND)."""
+    """``ps`` arguments selecting this unit's containers (label filters AND). A CLI
+    filter cannot ask for a label to be absent, so the front door's filters also match
+    the services of its host: pass the output through ``unit_containers``."""
     out: list[str] = []
     for key, value in unit_labels(spec).items():
         out += ["--filter", f"label={key}={value}"]
     return out
+
+
+def is_unit_container(container: Mapping[str, Any], spec: Mapping[str, Any]) -> bool:
+    """Whether a container (``parse_ps`` shape) carries exactly this unit's identity
+    labels (pd.unit absent for P, D and C)."""
+    want = unit_labels(spec)
+    theirs = container.get("labels") or {}
+    return all(theirs.get(k) == want.get(k) for k in IDENTITY_LABELS)
+
+
+def unit_containers(ps_text: Any, spec: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The containers of one unit in ``<cli> ps -a --format json`` output."""
+    return [c for c in parse_ps(ps_text) if is_unit_container(c, spec)]
 
 
 def host_paths(spec: Mapping[str, Any]) -> list[str]:
@@ -112,7 +139,7 @@ def run_argv(spec: Mapping[str, Any], settings: Mapping[str, Any]) -> list[str]:
     only), ``labels`` (added to cluster/node/role, e.g. the spec checksum),
     ``present`` (optional host paths that exist on the node).
 
-    One container per node and role: host network, ``--init`` (reaps orphans, forwards
+    One container per node and unit: host network, ``--init`` (reaps orphans, forwards
     SIGTERM to the launcher), stop timeout = grace + margin, the unit's run/state/log
     directories mounted read-write at the same path, the launcher package read-only,
     the model read-only (real engines), and the accelerators: every Ascend device file
@@ -257,7 +284,7 @@ def decide(inspect_text: Any, wanted: Mapping[str, Any]) -> dict[str, Any]:
     wanted: ``labels`` (identity + checksums), ``image_id`` ("" = do not compare).
     Returns {action, reason, state}: ``create`` (none), ``keep`` (running, same labels
     and image), ``recreate`` (not running, or spec/launcher/image changed) or
-    ``foreign`` (a container of that name whose cluster/node/role labels differ:
+    ``foreign`` (a container of that name whose cluster/node/role/unit labels differ:
     pd-deploy did not start it and must not touch it).
     """
     c = parse_inspect(inspect_text)
@@ -266,10 +293,11 @@ def decide(inspect_text: Any, wanted: Mapping[str, Any]) -> dict[str, Any]:
     want = {str(k): str(v) for k, v in (wanted.get("labels") or {}).items()}
     theirs = c["labels"]
     if any(theirs.get(k) != want.get(k) for k in IDENTITY_LABELS):
-        shown = {k: theirs.get(k) for k in IDENTITY_LABELS}
+        shown = {k: theirs.get(k) for k in IDENTITY_LABELS if k in theirs or k in want}
+        wanted_ids = {k: want.get(k) for k in IDENTITY_LABELS if k in theirs or k in want}
         return {"action": "foreign", "state": c["state"],
                 "reason": f"container {c['name']} exists with labels {shown}, not "
-                          f"{ {k: want.get(k) for k in IDENTITY_LABELS} }"}
+                          f"{wanted_ids}"}
     if c["state"] != "running":
         return {"action": "recreate", "state": c["state"],
                 "reason": f"container is {c['state'] or 'unknown'} (exit code {c['exit_code']})"}

@@ -1,9 +1,13 @@
-"""The cluster status table of status.yml, from the plan and what each host reported."""
+"""The cluster status table of status.yml, from the plan and what each host reported.
+
+One row per unit: P and D engines, the cluster services of a C host (the ROLE column
+shows the service's name, e.g. `registry`) and the front door (C).
+"""
 from __future__ import annotations
 
 from typing import Any, Mapping
 
-from pd_deploy.containers import image_id, parse_ps
+from pd_deploy.containers import LABEL_ROLE, LABEL_UNIT, UNIT_ROLES, image_id, parse_ps
 
 COLUMNS = ("node", "role", "instance", "dp ranks", "state", "health", "ports", "uptime", "image")
 
@@ -69,13 +73,21 @@ def _image(c: Mapping[str, Any]) -> str:
     return image
 
 
-def unit_row(host: str, role: str, spec: Mapping[str, Any], unit: Mapping[str, Any] | None,
+def _is_service(name: str) -> bool:
+    return name not in UNIT_ROLES
+
+
+def unit_row(host: str, name: str, spec: Mapping[str, Any], unit: Mapping[str, Any] | None,
              containers: list[dict[str, Any]], runtime: str) -> dict[str, str]:
+    """The row of unit NAME (P, D, C or a service) of HOST; `unit` is what pd_unit_info
+    reported, `containers` the host's containers (container runtime)."""
     procs = (unit or {}).get("processes") or []
     ranks = [r for p in spec.get("processes", []) for r in p.get("dp_ranks", [])]
     ready = sum(1 for p in procs if p.get("ready"))
     if runtime == "container":
-        mine = [c for c in containers if c["labels"].get("pd.role") == role]
+        # the unit's own container: same role, and pd.unit only for a service
+        mine = [c for c in containers if c["labels"].get(LABEL_ROLE) == spec["role"]
+                and c["labels"].get(LABEL_UNIT) == (name if _is_service(name) else None)]
         # the newest first: a unit has one container, but show a running one if any
         mine.sort(key=lambda c: (c.get("state") == "running", c.get("started_at") or 0),
                   reverse=True)
@@ -92,18 +104,18 @@ def unit_row(host: str, role: str, spec: Mapping[str, Any], unit: Mapping[str, A
             dead = [p["name"] for p in procs if not p.get("alive")]
             state = f"degraded {alive}/{len(procs)} ({', '.join(dead)} down)"
         image, uptime = "(host)", _uptime((unit or {}).get("uptime_s"))
-    ports = ",".join(p.split("/")[0].rsplit(":", 1)[1] for proc in spec.get("processes", [])
-                     for p in [f"{q['host']}:{q['port']}/{q['use']}" for q in proc["ports"]]
-                     if p.endswith(("/api", "/proxy")))
+    # engines and the front door: their client-facing ports; a service: all of them
+    ports = ",".join(str(q["port"]) for proc in spec.get("processes", []) for q in proc["ports"]
+                     if _is_service(name) or q["use"] in ("api", "proxy"))
     health = f"{ready}/{len(procs)} ready" if procs else "-"
-    return {"node": host, "role": role, "instance": spec.get("instance") or "-",
+    return {"node": host, "role": name, "instance": spec.get("instance") or "-",
             "dp ranks": _ranks(ranks), "state": state, "health": health,
             "ports": ports or "-", "uptime": uptime, "image": image}
 
 
 def pd_status_table(plan: Mapping[str, Any], hostvars: Mapping[str, Any]) -> list[str]:
     rows = []
-    for host, by_role in plan["specs"].items():
+    for host, by_role in plan["specs"].items():  # per host: P/D, services, C
         hv = hostvars[host]
         runtime = hv.get("pd_runtime", "process") if hasattr(hv, "get") else "process"
         units = {}
@@ -113,8 +125,8 @@ def pd_status_table(plan: Mapping[str, Any], hostvars: Mapping[str, Any]) -> lis
                 if not res.get("skipped"):
                     units[res["item"]] = res
         containers = _containers(hv.get("pd_status_containers") if hasattr(hv, "get") else None)
-        for role, spec in by_role.items():
-            rows.append(unit_row(host, role, spec, units.get(role), containers, runtime))
+        for name, spec in by_role.items():
+            rows.append(unit_row(host, name, spec, units.get(name), containers, runtime))
     return format_table(rows)
 
 

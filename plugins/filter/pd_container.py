@@ -1,9 +1,10 @@
 """Ansible filters of the container runtime and the image role (logic in
-pd_launcher/containers.py, unit tests in tests/unit/test_containers.py).
+pd_deploy/containers.py, unit tests in tests/unit/test_containers.py).
 
     argv:   "{{ pd_unit_spec | pd_container_run_argv(settings) }}"
     plan:   "{{ inspect.stdout | pd_container_decide({'labels': ..., 'image_id': ...}) }}"
     list:   "{{ ps.stdout | pd_container_ps }}"
+    unit's: "{{ ps.stdout | pd_container_unit_ps(pd_unit_spec) }}"  # exactly its containers
     image:  "{{ '/path/image.tar' | pd_image_archive }}"          # {id, tags}
     rounds: "{{ {'n1': tar, 'n2': tar} | pd_image_fanout_plan(4) }}"     # {seeds, rounds}
 """
@@ -39,6 +40,7 @@ FILTERS = {
     "pd_container_run_sha256": containers.run_sha256,
     "pd_container_decide": containers.decide,
     "pd_container_ps": containers.parse_ps,
+    "pd_container_unit_ps": containers.unit_containers,
     "pd_container_name": containers.container_name,
     "pd_container_labels": containers.unit_labels,
     "pd_container_label_filters": containers.label_filters,

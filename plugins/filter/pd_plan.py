@@ -1,7 +1,9 @@
-"""Ansible filters over pd_launcher's cluster model, so plays never redo the arithmetic.
+"""Ansible filters over pd_deploy's cluster model, so plays never redo the arithmetic.
 
     pd_plan: "{{ groups | pd_cluster_plan(hostvars) }}"   # full plan incl. node specs
-    spec:    "{{ pd_plan.specs[inventory_hostname]['P'] }}"
+    spec:    "{{ pd_plan.specs[inventory_hostname]['P'] }}"  # unit: P, D, C or a service
+    phases:  "{{ pd_plan.units[inventory_hostname] }}"       # unit -> before-engines |
+                                                             # engines | after-engines | front-door
 
 On invalid input the filter fails with every error, each naming host and field.
 """
@@ -54,9 +56,11 @@ def pd_cluster_summary(plan: dict[str, Any]) -> list[str]:
 
 
 def pd_spec_checks(spec: dict[str, Any]) -> dict[str, Any]:
-    """What preflight needs of a node spec, without argv, env or files (no secrets)."""
+    """What preflight needs of a node spec, without argv, env or files (no secrets).
+    `role` names the unit (P, D, C or a service) in preflight's messages."""
     return {
-        "node": spec["node"], "role": spec["role"], "base_dir": spec.get("base_dir"),
+        "node": spec["node"], "role": spec.get("unit") or spec["role"],
+        "base_dir": spec.get("base_dir"),
         "checks": spec.get("checks") or {},
         "processes": [{"name": p["name"], "ports": p["ports"]} for p in spec["processes"]],
     }

@@ -114,10 +114,91 @@ def test_name_labels_filters():
     assert c.host_paths(specs("vllm")["d2"]["D"]) == []
 
 
-def test_container_name_matches_the_node_unit_role():
+def test_node_unit_names_its_container_with_the_filter():
     paths = (REPO / "roles/node_unit/tasks/paths.yml").read_text()
-    assert ('pd_unit_container: "pd-{{ pd_unit_spec.cluster }}-{{ inventory_hostname }}-'
-            '{{ pd_unit_role | lower }}"') in paths
+    assert 'pd_unit_container: "{{ pd_unit_spec | pd_container_name }}"' in paths
+
+
+TOY = "tests.fixtures.toy_backend:ToyBackend"
+
+
+@pytest.fixture
+def toy(monkeypatch):
+    """The toy backend (one service per phase) registered for this test only."""
+    from pd_deploy import engines, settings
+
+    monkeypatch.setenv(engines.EXTRA_ENV, TOY)
+    monkeypatch.setattr(settings, "_DEFAULTS", None)  # default_of caches the registry's
+    engines.registry.cache_clear()
+    engines.by_engine.cache_clear()
+    yield plan_document(*small("toy"))["specs"]
+    monkeypatch.delenv(engines.EXTRA_ENV)
+    engines.registry.cache_clear()
+    engines.by_engine.cache_clear()
+
+
+def test_service_units_have_their_own_name_and_pd_unit_label(toy):
+    reg, door = toy["c1"]["registry"], toy["c1"]["C"]
+    assert c.unit_name(reg) == "registry" and c.unit_name(door) == "C"
+    assert c.container_name(reg) == "pd-t-c1-registry"
+    assert c.container_name(door) == "pd-t-c1-c"
+    assert c.unit_labels(reg) == {"pd.cluster": "t", "pd.node": "c1", "pd.role": "C",
+                                  "pd.unit": "registry"}
+    assert "pd.unit" not in c.unit_labels(door)  # P, D and C keep the labels they had
+    assert c.label_filters(reg)[-2:] == ["--filter", "label=pd.unit=registry"]
+    argv = c.run_argv(reg, dict(SETTINGS, name="pd-t-c1-registry"))
+    assert "pd.unit=registry" in pairs(argv, "--label")
+    assert "--shm-size" not in argv and "--device" not in argv and "--ulimit" not in argv
+    vols = pairs(argv, "--volume")
+    assert all(f"{d}:{d}" in vols for d in reg["dirs"].values())
+    assert not any(d.endswith("/C") for v in vols for d in v.split(":")[:1])
+
+
+def test_unit_containers_keep_exactly_the_units_own(toy):
+    ps = json.dumps([
+        {"Id": "1", "Names": ["pd-t-c1-c"], "State": "running",
+         "Labels": {"pd.cluster": "t", "pd.node": "c1", "pd.role": "C"}},
+        {"Id": "2", "Names": ["pd-t-c1-registry"], "State": "running",
+         "Labels": {"pd.cluster": "t", "pd.node": "c1", "pd.role": "C", "pd.unit": "registry"}},
+        {"Id": "3", "Names": ["pd-t-c1-router"], "State": "exited",
+         "Labels": {"pd.cluster": "t", "pd.node": "c1", "pd.role": "C", "pd.unit": "router"}},
+        {"Id": "4", "Names": ["other"], "State": "running",
+         "Labels": {"pd.cluster": "u", "pd.node": "c1", "pd.role": "C"}},
+    ])
+    assert [x["id"] for x in c.unit_containers(ps, toy["c1"]["C"])] == ["1"]
+    assert [x["id"] for x in c.unit_containers(ps, toy["c1"]["registry"])] == ["2"]
+    assert [x["id"] for x in c.unit_containers(ps, toy["c1"]["router"])] == ["3"]
+
+
+def test_decide_a_service_container_is_not_the_front_doors(toy):
+    door = dict(c.unit_labels(toy["c1"]["C"]), **{"pd.spec-sha256": "s"})
+    reg = dict(c.unit_labels(toy["c1"]["registry"]), **{"pd.spec-sha256": "s"})
+    inspect = podman_inspect(labels=reg)
+    assert c.decide(inspect, {"labels": reg})["action"] == "keep"
+    out = c.decide(inspect, {"labels": door})
+    assert out["action"] == "foreign" and "'pd.unit': 'registry'" in out["reason"]
+    assert c.decide(podman_inspect(labels=door), {"labels": reg})["action"] == "foreign"
+
+
+def test_status_rows_of_services(toy):
+    ps = c.parse_ps(json.dumps([
+        {"Id": "2", "Names": ["pd-t-c1-registry"], "Image": "img:1", "State": "running",
+         "Labels": {"pd.role": "C", "pd.unit": "registry"}, "StartedAt": 100},
+        {"Id": "1", "Names": ["pd-t-c1-c"], "Image": "img:1", "State": "exited", "ExitCode": 1,
+         "Labels": {"pd.role": "C"}, "StartedAt": 50},
+    ]))
+    unit = {"processes": [{"name": "registry", "ready": True}], "now": 160}
+    row = unit_row("c1", "registry", toy["c1"]["registry"], unit, ps, "container")
+    assert (row["role"], row["state"], row["uptime"], row["ports"], row["instance"]) == (
+        "registry", "running", "1m00s", "7300", "-")
+    assert unit_row("c1", "router", toy["c1"]["router"], None, ps, "container")["state"] == "absent"
+    assert unit_row("c1", "C", toy["c1"]["C"], None, ps, "container")["state"] == "exited(1)"
+    proc = unit_row("c1", "router", toy["c1"]["router"],
+                    {"recorded": True, "running": True, "uptime_s": 5,
+                     "processes": [{"name": "router", "alive": True, "ready": True}]},
+                    [], "process")
+    assert (proc["role"], proc["state"], proc["health"], proc["ports"]) == (
+        "router", "running", "1/1 ready", "7301")
 
 
 # ------------------------------------------------------------------ inspect / ps
@@ -319,7 +400,8 @@ def test_filter_plugin_names_and_errors():
 
     f = load_filters()
     assert {"pd_container_run_argv", "pd_container_run_sha256", "pd_container_decide",
-            "pd_container_ps", "pd_container_labels", "pd_container_label_filters",
+            "pd_container_ps", "pd_container_unit_ps", "pd_container_labels",
+            "pd_container_label_filters",
             "pd_container_name", "pd_container_host_paths", "pd_container_optional_paths",
             "pd_container_stop_timeout", "pd_image_id", "pd_image_archive",
             "pd_image_fanout_plan"} <= set(f)
