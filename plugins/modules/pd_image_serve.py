@@ -16,19 +16,63 @@ description:
     (same start time, command line naming the served file); a reused PID is never
     signalled. SIGTERM, then SIGKILL after 5 s. Idempotent.
   - In check mode nothing is started or stopped.
+author: pd-deploy
 options:
-  state: {description: started or stopped, type: str, choices: [started, stopped], default: started}
-  path: {description: the file to serve (absolute), type: path, required: true}
-  bind: {description: address to listen on (the node IP), type: str, default: 127.0.0.1}
-  port: {description: TCP port; 0 picks a free one (returned as RV(port)), type: int, default: 0}
-  lifetime: {description: seconds after which the server stops by itself, type: int, default: 3600}
+  state:
+    description: Whether the server should run.
+    type: str
+    choices: [started, stopped]
+    default: started
+  path:
+    description: The file to serve (absolute).
+    type: path
+    required: true
+  bind:
+    description: Address to listen on (the node IP).
+    type: str
+    default: 127.0.0.1
+  port:
+    description: TCP port; 0 picks a free one (returned as RV(port)).
+    type: int
+    default: 0
+  lifetime:
+    description: Seconds after which the server stops by itself.
+    type: int
+    default: 3600
+"""
+
+EXAMPLES = r"""
+- name: Serve the image tarball to the next fan-out round
+  pd_image_serve:
+    path: /opt/pd/images/engine.tar
+    bind: "{{ node_ip }}"
+  register: server
+
+- name: Stop serving
+  pd_image_serve:
+    path: /opt/pd/images/engine.tar
+    state: stopped
 """
 
 RETURN = r"""
-pid: {description: the server's PID, type: int, returned: state=started}
-port: {description: the port it listens on, type: int, returned: state=started}
-url: {description: the URL of the file, type: str, returned: state=started}
-stopped: {description: PIDs stopped, type: list, returned: always}
+pid:
+  description: The server's PID.
+  type: int
+  returned: state=started
+port:
+  description: The port it listens on.
+  type: int
+  returned: state=started
+url:
+  description: The URL of the file.
+  type: str
+  returned: state=started
+  sample: http://10.0.0.2:41234/engine.tar
+stopped:
+  description: PIDs of servers stopped (an earlier one, or the one asked to stop).
+  type: list
+  elements: int
+  returned: always
 """
 
 import json
@@ -39,6 +83,7 @@ import sys
 import time
 
 from ansible.module_utils.basic import AnsibleModule
+from ansible.module_utils.pd_node import atomic_write, read_cmdline, start_time
 
 MARKER = "pd-image-serve"
 RECORD = ".pd-image-serve.json"
@@ -86,22 +131,6 @@ server.serve_forever()
 """
 
 
-def _start_time(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return int(f.read().rsplit(")", 1)[1].split()[19])
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def _cmdline(pid: int) -> list[str]:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
-    except OSError:
-        return []
-
-
 def record_path(path: str) -> str:
     return os.path.join(os.path.dirname(path), RECORD)
 
@@ -111,9 +140,9 @@ def is_our_server(rec: dict) -> bool:
     pid = rec.get("pid")
     if not isinstance(pid, int) or pid <= 1:
         return False
-    if _start_time(pid) != rec.get("start_time"):
+    if start_time(pid) != rec.get("start_time"):
         return False
-    cmd = _cmdline(pid)
+    cmd = read_cmdline(pid) or []
     return MARKER in cmd and rec.get("path") in cmd
 
 
@@ -166,12 +195,9 @@ def start_server(path: str, bind: str, port: int, lifetime: int, python: str = s
         with open(log_path, "rb") as f:
             out = f.read().decode(errors="replace")[-2000:]
         raise RuntimeError(f"the HTTP server for {path} did not start on {bind}:{port}: {out}")
-    rec = {"pid": proc.pid, "start_time": _start_time(proc.pid), "port": port_seen,
+    rec = {"pid": proc.pid, "start_time": start_time(proc.pid), "port": port_seen,
            "path": path, "bind": bind}
-    tmp = record_path(path) + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(rec, f)
-    os.replace(tmp, record_path(path))
+    atomic_write(record_path(path), json.dumps(rec).encode(), 0o644)
     host = f"[{bind}]" if ":" in bind else bind
     rec["url"] = f"http://{host}:{port_seen}/{os.path.basename(path)}"
     return rec

@@ -9,73 +9,123 @@ description:
   - Checks, and reports all at once, everything the spec needs on the node - the
     model path, accelerator device files, commands on PATH, that every port the
     spec binds is free (ports held by this unit's own recorded processes count as
-    free, so a re-run converges), and free disk space under the unit's base directory.
+    free, so a re-run converges), the node Python, and free disk space under the
+    unit's base directory.
+  - The port test is the launcher's own (C(pd_launcher.nodeutil), shared as
+    C(ansible.module_utils.pd_node)) - a test bind with SO_REUSEADDR - and a busy port
+    is reported with the PID and command line that hold it when they can be seen.
+  - Never changes anything; safe in check mode.
+author: pd-deploy
 options:
-  spec: {description: the node spec (pd_spec_checks view, no secrets), type: dict, required: true}
-  state_dir: {description: the unit's state directory, type: path, required: true}
-  python: {description: the node Python that runs the launcher (must be >= 3.9), type: str}
-  min_free_mb: {description: free space needed under the base directory, type: int, default: 512}
+  spec:
+    description: The node spec (the C(pd_spec_checks) view, no secrets).
+    type: dict
+    required: true
+  state_dir:
+    description: The unit's state directory (its recorded processes own their ports).
+    type: path
+    required: true
+  python:
+    description: The node Python that runs the launcher (must be >= 3.9).
+    type: str
+  min_free_mb:
+    description: Free space needed under the base directory, in MiB.
+    type: int
+    default: 512
   skip_commands:
-    description: do not look for the process commands (they live in the image)
+    description: Do not look for the process commands (they live in the image).
     type: bool
     default: false
   skip_paths:
-    description: do not look for the spec's checks.paths (the proxy's live in its image)
+    description: Do not look for the spec's C(checks.paths) (the proxy's live in its image).
     type: bool
     default: false
   extra_paths:
-    description: more host paths that must exist (e.g. driver files a container mounts)
+    description: More host paths that must exist (e.g. driver files a container mounts).
     type: list
     elements: str
     default: []
   container_cli:
     description:
-      - the container CLI with its global arguments (e.g. [podman, --root, DIR]) when
+      - The container CLI with its global arguments (e.g. C([podman, --root, DIR])) when
         the unit runs in a container; then ports recorded in the unit's state file count
         as free while the container named O(container_name) runs with labels
-        O(container_labels) (so a re-run converges)
+        O(container_labels) (so a re-run converges).
     type: list
     elements: str
-  container_name: {description: the unit's container name, type: str}
-  container_labels: {description: labels the unit's container must carry, type: dict, default: {}}
+  container_name:
+    description: The unit's container name (required with O(container_cli)).
+    type: str
+  container_labels:
+    description: Labels the unit's container must carry.
+    type: dict
+    default: {}
 """
 
-import errno
+EXAMPLES = r"""
+- name: Check the node for the decode unit
+  pd_preflight:
+    spec: "{{ spec | pd_spec_checks }}"
+    state_dir: /opt/pd/state/D
+    python: /usr/bin/python3
+    min_free_mb: 1024
+
+- name: Check a containerised unit (commands and model path are in the image)
+  pd_preflight:
+    spec: "{{ spec | pd_spec_checks }}"
+    state_dir: /opt/pd/state/P
+    skip_commands: true
+    extra_paths: [/usr/local/Ascend/driver]
+    container_cli: [podman]
+    container_name: pd-demo-p1-P
+    container_labels: {pd.cluster: demo, pd.role: P, pd.node: p1}
+"""
+
+RETURN = r"""
+free_mb:
+  description: Free space under the base directory (or its nearest existing parent), MiB.
+  type: int
+  returned: always
+owned_ports:
+  description: Ports of the spec held by the unit itself (counted as free).
+  type: int
+  returned: success
+errors:
+  description: Every problem found; the message joins them.
+  type: list
+  elements: str
+  returned: failure
+  sample:
+    - "port 10.0.0.1:8000 is already in use by pid 4242 (python3 -m http.server) (engine-dp0/api)"
+"""
+
 import json
 import os
 import shutil
-import socket
 
 from ansible.module_utils.basic import AnsibleModule
+from ansible.module_utils.pd_node import port_problem, read_state, verify_recorded
+
+
+def _read_state(state_dir: str) -> dict:
+    try:
+        return read_state(state_dir) or {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _ports(proc: dict) -> set:
+    return {(p["host"], int(p["port"])) for p in proc.get("ports", [])}
 
 
 def _own_alive_ports(state_dir: str) -> set:
-    path = os.path.join(state_dir, "launcher.json")
-    try:
-        with open(path) as f:
-            state = json.load(f)
-    except (OSError, ValueError):
-        return set()
+    """Ports of the unit's recorded processes that still run (same PID check as the
+    launcher's stop)."""
     owned = set()
-    for proc in state.get("processes", []):
-        try:
-            with open(f"/proc/{proc['pid']}/stat") as f:
-                start = int(f.read().rsplit(")", 1)[1].split()[19])
-        except (OSError, KeyError, ValueError):
-            continue
-        if start == proc.get("start_time"):
-            owned.update((p["host"], int(p["port"])) for p in proc.get("ports", []))
+    for proc in _read_state(state_dir).get("processes", []):
+        if verify_recorded(proc)[0] == "ours":
+            owned |= _ports(proc)
     return owned
-
-
-def _state_ports(state_dir: str) -> set:
-    try:
-        with open(os.path.join(state_dir, "launcher.json")) as f:
-            state = json.load(f)
-    except (OSError, ValueError):
-        return set()
-    return {(p["host"], int(p["port"])) for proc in state.get("processes", [])
-            for p in proc.get("ports", [])}
 
 
 def _own_container_ports(module: AnsibleModule, state_dir: str) -> set:
@@ -87,33 +137,17 @@ def _own_container_ports(module: AnsibleModule, state_dir: str) -> set:
         return set()
     try:
         info = json.loads(out)[0]
-    except (ValueError, IndexError, KeyError):
+    except (ValueError, IndexError, KeyError, TypeError):
         return set()
     status = str((info.get("State") or {}).get("Status") or "").lower()
     labels = (info.get("Config") or {}).get("Labels") or {}
     wanted = p["container_labels"] or {}
     if status != "running" or any(labels.get(k) != str(v) for k, v in wanted.items()):
         return set()
-    return _state_ports(state_dir)
-
-
-def _port_busy(host: str, port: int) -> str | None:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    # as the servers themselves do: connections in TIME_WAIT from a previous run
-    # must not make a restart refuse; a listener still makes the bind fail
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as exc:
-        if exc.errno == errno.EADDRINUSE:
-            return "in use"
-        if exc.errno == errno.EADDRNOTAVAIL:
-            return "address not on this node"
-        return str(exc)
-    finally:
-        sock.close()
-    return None
+    owned = set()
+    for proc in _read_state(state_dir).get("processes", []):
+        owned |= _ports(proc)
+    return owned
 
 
 def main() -> None:
@@ -150,11 +184,14 @@ def main() -> None:
         for cmd in checks.get("commands", []):
             if not (os.path.isabs(cmd) and os.access(cmd, os.X_OK)) and not shutil.which(cmd):
                 errors.append(f"command {cmd} not found")
-    if module.params["python"]:
+    python = module.params["python"]
+    if python and not (os.access(python, os.X_OK) if "/" in python else shutil.which(python)):
+        errors.append(f"python {python} not found (the launcher needs Python >= 3.9)")
+    elif python:
         rc, out, err = module.run_command(
-            [module.params["python"], "-c", "import sys; print(sys.version_info >= (3, 9))"])
+            [python, "-c", "import sys; print(sys.version_info >= (3, 9))"])
         if rc != 0 or out.strip() != "True":
-            errors.append(f"python {module.params['python']} is missing or older than 3.9 "
+            errors.append(f"python {python} is older than 3.9 or does not run "
                           f"({(err or out).strip()[:200]})")
     if module.params["container_cli"]:
         owned = _own_container_ports(module, module.params["state_dir"])
@@ -165,16 +202,15 @@ def main() -> None:
             key = (p["host"], int(p["port"]))
             if key in owned:
                 continue
-            problem = _port_busy(*key)
+            problem = port_problem(*key)
             if problem:
-                errors.append(f"port {key[0]}:{key[1]} ({proc['name']}/{p['use']}) {problem}")
-    base = spec.get("base_dir") or "/"
-    probe = base
-    while not os.path.exists(probe):
-        probe = os.path.dirname(probe) or "/"
-    free_mb = shutil.disk_usage(probe).free // (1024 * 1024)
+                errors.append(f"{problem} ({proc['name']}/{p['use']})")
+    where = spec.get("base_dir") or "/"
+    while not os.path.exists(where):
+        where = os.path.dirname(where) or "/"
+    free_mb = shutil.disk_usage(where).free // (1024 * 1024)
     if free_mb < module.params["min_free_mb"]:
-        errors.append(f"only {free_mb} MiB free under {probe}, need {module.params['min_free_mb']}")
+        errors.append(f"only {free_mb} MiB free under {where}, need {module.params['min_free_mb']}")
     if errors:
         module.fail_json(msg=f"{spec.get('node')} ({spec.get('role')}): " + "; ".join(errors),
                          errors=errors, free_mb=free_mb)

@@ -7,12 +7,56 @@ module: pd_unit_install
 short_description: Create a unit's directories, unpack the launcher bundle, write the node spec
 description:
   - One module run instead of a directory, unpack and template task each, so a converged
-    node costs one round trip. Reports changed only when the launcher or the spec changed.
+    node costs one round trip. Reports changed only when a directory was created or the
+    launcher or the spec changed.
+  - The launcher bundle (a tarball of the C(pd_launcher) package) is unpacked into
+    O(lib_dir) when its sha256 differs from the one recorded there; the spec is written
+    to C(<dirs.run>/spec.json), mode 0600 (it may carry API keys). Both writes are
+    atomic (temp file, fsync, rename).
   - Supports check mode (reports what would change, changes nothing).
+author: pd-deploy
 options:
-  spec_json: {description: the node spec as JSON (may carry API keys), type: str, required: true}
-  bundle: {description: path of the launcher bundle tarball on the node, type: path, required: true}
-  lib_dir: {description: where the launcher package is unpacked, type: path, required: true}
+  spec_json:
+    description: The node spec as JSON (may carry API keys; never logged).
+    type: str
+    required: true
+  bundle:
+    description: Path of the launcher bundle tarball on the node.
+    type: path
+    required: true
+  lib_dir:
+    description: Where the launcher package is unpacked.
+    type: path
+    required: true
+"""
+
+EXAMPLES = r"""
+- name: Install the prefill unit
+  pd_unit_install:
+    spec_json: "{{ spec | to_json }}"
+    bundle: /opt/pd/pd_launcher.tar.gz
+    lib_dir: /opt/pd/lib
+  no_log: true
+"""
+
+RETURN = r"""
+lib_changed:
+  description: The launcher package was (or would be) unpacked.
+  type: bool
+  returned: always
+spec_changed:
+  description: The spec file was (or would be) written.
+  type: bool
+  returned: always
+created:
+  description: Directories created (lib, run, state, log).
+  type: list
+  elements: str
+  returned: always
+spec_path:
+  description: Where the spec is, C(<dirs.run>/spec.json).
+  type: str
+  returned: always
 """
 
 import hashlib
@@ -20,9 +64,9 @@ import io
 import json
 import os
 import tarfile
-import tempfile
 
 from ansible.module_utils.basic import AnsibleModule
+from ansible.module_utils.pd_node import atomic_write
 
 
 def _sha(data: bytes) -> str:
@@ -37,17 +81,21 @@ def _read(path: str) -> bytes | None:
         return None
 
 
-def _atomic_write(path: str, data: bytes, mode: int) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".pd-")
+def _unpack(module: AnsibleModule, bundle: bytes, lib_dir: str) -> None:
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        with tarfile.open(fileobj=io.BytesIO(bundle), mode="r:gz") as tar:
+            members = tar.getmembers()
+            for m in members:
+                if (m.name.startswith(("/", "..")) or "/../" in m.name
+                        or not (m.isfile() or m.isdir())):
+                    module.fail_json(msg=f"refusing a bundle with {m.name!r}: only files and "
+                                         "directories inside the lib dir")
+            if hasattr(tarfile, "data_filter"):  # Python >= 3.9.17 / 3.10.12 / 3.11.4
+                tar.extractall(lib_dir, members, filter="data")
+            else:
+                tar.extractall(lib_dir, members)
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        module.fail_json(msg=f"cannot unpack the launcher bundle into {lib_dir}: {exc}")
 
 
 def main() -> None:
@@ -60,8 +108,12 @@ def main() -> None:
         supports_check_mode=True,
     )
     p = module.params
-    spec = json.loads(p["spec_json"])
-    dirs = [p["lib_dir"]] + [spec["dirs"][k] for k in ("run", "state", "log")]
+    try:
+        spec = json.loads(p["spec_json"])
+        dirs = [p["lib_dir"]] + [spec["dirs"][k] for k in ("run", "state", "log")]
+    except (ValueError, TypeError, KeyError) as exc:
+        module.fail_json(msg=f"spec_json is not a node spec with dirs.run, dirs.state and "
+                             f"dirs.log: {type(exc).__name__}: {exc}")
     spec_path = os.path.join(spec["dirs"]["run"], "spec.json")
     spec_bytes = (json.dumps(spec, indent=2, sort_keys=True) + "\n").encode()
     bundle = _read(p["bundle"])
@@ -79,14 +131,10 @@ def main() -> None:
         for d in made:
             os.makedirs(d, mode=0o755, exist_ok=True)
         if lib_changed:
-            with tarfile.open(fileobj=io.BytesIO(bundle), mode="r:gz") as tar:
-                names = tar.getnames()
-                if any(n.startswith(("/", "..")) or "/../" in n for n in names):
-                    module.fail_json(msg="refusing a bundle with paths outside the lib dir")
-                tar.extractall(p["lib_dir"])
-            _atomic_write(marker, _sha(bundle).encode() + b"\n", 0o644)
+            _unpack(module, bundle, p["lib_dir"])
+            atomic_write(marker, _sha(bundle).encode() + b"\n", 0o644)
         if spec_changed:
-            _atomic_write(spec_path, spec_bytes, 0o600)
+            atomic_write(spec_path, spec_bytes, 0o600)
     module.exit_json(changed=bool(made or lib_changed or spec_changed), lib_changed=lib_changed,
                      spec_changed=spec_changed, created=made, spec_path=spec_path)
 

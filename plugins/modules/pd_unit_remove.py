@@ -6,20 +6,50 @@ DOCUMENTATION = r"""
 module: pd_unit_remove
 short_description: Remove a stopped unit's run and state files (and logs if asked)
 description:
-  - Removes <base>/run/<role> and <base>/state/<role>, <base>/logs/<role> when
-    remove_logs is true, and the launcher (<base>/lib) once no unit is left on the node.
-  - Refuses while the unit's state file still exists (the unit was not stopped).
+  - Removes C(<base>/run/<role>) and C(<base>/state/<role>), C(<base>/logs/<role>) when
+    O(remove_logs) is true, and the launcher (C(<base>/lib)) once no unit is left on
+    the node.
+  - Refuses while the unit's launcher state file still exists (the unit was not
+    stopped; C(python -m pd_launcher stop) removes it).
   - Only these paths, which pd-deploy created; supports check mode.
+author: pd-deploy
 options:
-  base_dir: {description: the node's pd_base_dir, type: path, required: true}
-  role: {description: unit role (P, D or C), type: str, required: true}
-  remove_logs: {description: also remove the unit's logs, type: bool, default: false}
+  base_dir:
+    description: The node's C(pd_base_dir).
+    type: path
+    required: true
+  role:
+    description: The unit's role.
+    type: str
+    required: true
+    choices: [P, D, C]
+  remove_logs:
+    description: Also remove the unit's logs.
+    type: bool
+    default: false
+"""
+
+EXAMPLES = r"""
+- name: Remove the decode unit's files, keep its logs
+  pd_unit_remove:
+    base_dir: /opt/pd
+    role: D
+"""
+
+RETURN = r"""
+removed:
+  description: Paths removed (or, in check mode, that would be).
+  type: list
+  elements: str
+  returned: always
+  sample: [/opt/pd/run/D, /opt/pd/state/D]
 """
 
 import os
 import shutil
 
 from ansible.module_utils.basic import AnsibleModule
+from ansible.module_utils.pd_node import state_path
 
 
 def main() -> None:
@@ -32,9 +62,11 @@ def main() -> None:
         supports_check_mode=True,
     )
     base, role = module.params["base_dir"], module.params["role"]
-    state_file = os.path.join(base, "state", role, "launcher.json")
+    state_file = state_path(os.path.join(base, "state", role))
     if os.path.exists(state_file):
-        module.fail_json(msg=f"{state_file} still exists: the unit is not stopped")
+        module.fail_json(msg=f"{state_file} still exists: the unit is not stopped (stop it "
+                             "first: python -m pd_launcher stop --state-dir "
+                             f"{os.path.dirname(state_file)})")
     targets = [os.path.join(base, "run", role), os.path.join(base, "state", role)]
     if module.params["remove_logs"]:
         targets.append(os.path.join(base, "logs", role))

@@ -1,30 +1,25 @@
 """plugins/modules/pd_image_serve.py: the transient one-file HTTP server of the image
-fan-out (real processes on 127.0.0.1)."""
+fan-out (real processes on 127.0.0.1), directly and through a mocked AnsibleModule."""
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from .modharness import failed, load, ok
 
 
 @pytest.fixture(scope="module")
 def serve():
-    spec = importlib.util.spec_from_file_location(
-        "pd_image_serve", REPO / "plugins" / "modules" / "pd_image_serve.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load("pd_image_serve")
 
 
 @pytest.fixture
@@ -117,3 +112,44 @@ def test_a_busy_port_is_reported(serve, payload):
             serve.start_server(str(moved), "127.0.0.1", rec["port"], 60)
     finally:
         serve.stop_server(str(payload))
+
+
+def test_module_started_then_stopped(serve, payload):
+    r = ok(serve, {"path": str(payload), "bind": "127.0.0.1", "lifetime": 60})
+    try:
+        assert r["changed"] and r["stopped"] == []
+        assert r["url"] == f"http://127.0.0.1:{r['port']}/img.tar"
+        assert _get(r["url"], "HEAD")[0] == 200
+        # started again: the first server is stopped, a new one serves
+        again = ok(serve, {"path": str(payload), "bind": "127.0.0.1", "lifetime": 60})
+        assert again["stopped"] == [r["pid"]] and again["pid"] != r["pid"]
+        assert not _alive(r["pid"])
+    finally:
+        stop = ok(serve, {"path": str(payload), "state": "stopped"})
+    assert stop["changed"] and stop["stopped"] == [again["pid"]]
+    assert not _alive(again["pid"])
+    stop = ok(serve, {"path": str(payload), "state": "stopped"})
+    assert not stop["changed"] and stop["stopped"] == []
+
+
+def test_module_check_mode_starts_nothing(serve, payload):
+    r = ok(serve, {"path": str(payload)}, check_mode=True)
+    assert r["changed"] and r["pid"] is None
+    assert not (payload.parent / serve.RECORD).exists()
+
+
+def test_module_fails_for_a_missing_file(serve, tmp_path):
+    r = failed(serve, {"path": str(tmp_path / "nope.tar")})
+    assert r["msg"] == f"{tmp_path / 'nope.tar'}: no such file to serve"
+
+
+def test_module_reports_a_server_that_cannot_start(serve, payload):
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen()
+    try:
+        r = failed(serve, {"path": str(payload), "port": s.getsockname()[1]})
+    finally:
+        s.close()
+    assert r["msg"].startswith(f"the HTTP server for {payload} did not start on 127.0.0.1:")
+    assert "Address already in use" in r["msg"]
