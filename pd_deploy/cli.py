@@ -16,7 +16,7 @@ def plan_document(groups: dict[str, list[str]], hostvars: dict[str, dict[str, An
                   ) -> dict[str, Any]:
     """The JSON contract: nodes (every process of every host), instances, proxy, specs."""
     from pd_deploy.specs import front_door, node_specs, proxy_block, services, unit_phase
-    from pd_deploy.topology import build_plan
+    from pd_deploy.topology import build_plan, service_ports
 
     plan = build_plan(groups, hostvars)
     specs = node_specs(plan)
@@ -58,7 +58,7 @@ def plan_document(groups: dict[str, list[str]], hostvars: dict[str, dict[str, An
         "front_door": {"mode": door.mode, "router": door.router, "entry": door.entry},
         "services": [
             {"name": s.name, "phase": s.phase, "hosts": s.hosts,
-             "ports": [q for p in s.processes for q in p.get("ports", [])]}
+             "ports": [{"host": h, "port": p, "use": u} for h, p, u in service_ports(s)]}
             for s in services(plan)
         ],
         "units": {host: {u: unit_phase(s) for u, s in by_unit.items()}

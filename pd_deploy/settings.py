@@ -186,14 +186,19 @@ def declared() -> dict[str, Variable]:
     return out
 
 
-_DEFAULTS: dict[str, Any] | None = None
+_DEFAULTS: tuple[int, dict[str, Any]] | None = None
 
 
 def default_of(name: str) -> Any:
+    """The declared default of a variable (None: derived or unset). Cached per registry
+    (a new registry, e.g. with PD_DEPLOY_BACKENDS, recomputes it)."""
     global _DEFAULTS
-    if _DEFAULTS is None:
-        _DEFAULTS = {n: v.default for n, v in declared().items()}
-    return _DEFAULTS.get(name)
+    from pd_deploy.engines import registry
+
+    key = id(registry())
+    if _DEFAULTS is None or _DEFAULTS[0] != key:
+        _DEFAULTS = (key, {n: v.default for n, v in declared().items()})
+    return _DEFAULTS[1].get(name)
 
 
 class Reader:

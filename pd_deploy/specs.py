@@ -146,6 +146,8 @@ def proxy_block(plan: ClusterPlan, proxy: ProxyHost) -> dict[str, Any]:
         block["router"] = list(door.router)
     block["served_model_name"] = plan.backend.served_model_name(plan)
     block["options"] = dict(plan.proxy_options, admin_port=proxy.admin_port)
+    if door.mode == "router" and door.health_path:
+        block["options"]["router_health_path"] = door.health_path
     return block
 
 

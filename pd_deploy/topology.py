@@ -589,6 +589,20 @@ def _check_ports(
         seen[(b.ip, b.port)] = b
 
 
+def service_ports(svc: Any) -> list[tuple[str, int, str]]:
+    """(host, port, use) of every process of a Service, whether its processes are the
+    launcher's Process objects or the dicts of docs/node-spec.md."""
+    out = []
+    for proc in svc.processes:
+        ports = proc.get("ports", []) if isinstance(proc, dict) else proc.ports
+        for q in ports:
+            if isinstance(q, dict):
+                out.append((q["host"], int(q["port"]), q.get("use", "")))
+            else:
+                out.append((q.host, int(q.port), q.use))
+    return out
+
+
 def _check_service_ports(plan: ClusterPlan, readers: Mapping[str, Reader]) -> None:
     """Ports of the backend's services on C hosts against every planned binding."""
     doors = plan.proxies if plan.front_door != "none" else []
@@ -597,19 +611,17 @@ def _check_service_ports(plan: ClusterPlan, readers: Mapping[str, Reader]) -> No
     first_c = plan.proxies[0].host if plan.proxies else None
     for svc in plan.backend.services(plan):
         for host in svc.hosts or ([first_c] if first_c else []):
-            for proc in svc.processes:
-                for q in proc.get("ports", []):
-                    b = Binding(q["host"], int(q["port"]), q.get("use", ""),
-                                f"{host}/{svc.name}")
-                    wildcard = [(ip, b.port) for ip in (b.ip, "0.0.0.0", "::")]
-                    clash = next((seen[k] for k in wildcard if k in seen), None)
-                    if clash is not None:
-                        readers[host].fail(
-                            svc.port_vars.get(b.port, f"{svc.name} port"),
-                            f"service {svc.name} port {b.ip}:{b.port} is also bound by "
-                            f"{clash.owner} ({clash.use})")
-                        continue
-                    seen[(b.ip, b.port)] = b
+            for host_ip, port, use in service_ports(svc):
+                b = Binding(host_ip, port, use, f"{host}/{svc.name}")
+                wildcard = [(ip, b.port) for ip in (b.ip, "0.0.0.0", "::")]
+                clash = next((seen[k] for k in wildcard if k in seen), None)
+                if clash is not None:
+                    readers[host].fail(
+                        svc.port_vars.get(b.port, f"{svc.name} port"),
+                        f"service {svc.name} port {b.ip}:{b.port} is also bound by "
+                        f"{clash.owner} ({clash.use})")
+                    continue
+                seen[(b.ip, b.port)] = b
 
 
 def _upstreams(role: str, instances: list[Instance], nodes: Mapping[str, Node]) -> list[str]:

@@ -8,9 +8,9 @@ import sys
 
 USAGE = """usage: python -m pd_launcher {run,stop,wait} ...
 
-  run    SPEC.json [--log-dir DIR] [--state-dir DIR] [--check]
+  run    SPEC.json [--log-dir DIR] [--state-dir DIR] [--run-dir DIR] [--check]
   stop   --state-dir DIR [--grace SECONDS]
-  wait   SPEC.json --timeout SECONDS
+  wait   SPEC.json --timeout SECONDS [--log-dir DIR] [--state-dir DIR] [--run-dir DIR]
 
 The plan is a controller command: pd-deploy plan -i INVENTORY (python -m pd_deploy plan).
 """

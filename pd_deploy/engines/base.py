@@ -20,6 +20,7 @@ from pd_deploy.settings import Reader, Variable
 
 if TYPE_CHECKING:  # pragma: no cover
     from pd_deploy.topology import ClusterPlan, Instance, Node
+    from pd_launcher.launcher.spec import NodeSpec
 
 PHASES = ("before-engines", "after-engines")
 
@@ -61,6 +62,9 @@ class FrontDoor:
     decode: list[str] = field(default_factory=list)
     router: list[str] = field(default_factory=list)
     entry: str | None = None
+    #: router mode: HTTP path nginx's agent probes on each router (2xx = up); None
+    #: probes with a TCP connect (xllm-service and simple_router have no /health)
+    health_path: str | None = None
 
 
 class Backend:
@@ -104,8 +108,9 @@ class Backend:
 
     # ------------------------------------------------------------ what runs
 
-    def node_spec(self, plan: ClusterPlan, node: Node) -> dict[str, Any]:
-        """The launcher input of one P/D node: see pd_deploy.specs.engine_spec_base."""
+    def node_spec(self, plan: ClusterPlan, node: Node) -> NodeSpec | dict[str, Any]:
+        """The launcher input of one P/D node: build it with
+        pd_deploy.specs.engine_spec_base (a NodeSpec, the launcher's own dataclass)."""
         raise NotImplementedError
 
     def services(self, plan: ClusterPlan) -> list[Service]:

@@ -66,3 +66,21 @@ def test_unknown_front_door():
     with pytest.raises(PlanInvalid) as info:
         build_plan(*mutate(small(), pd_front_door="haproxy"))
     assert any(e.field == "pd_front_door" for e in info.value.errors)
+
+
+def test_router_front_door_block(toy, monkeypatch):
+    from pd_deploy.engines.base import FrontDoor
+    from tests.fixtures.toy_backend import ToyBackend
+
+    def door(self, plan):
+        port = plan.options["router_port"]
+        return FrontDoor(mode="router", router=[f"{plan.proxies[0].bind}:{port}"],
+                         health_path="/health")
+
+    monkeypatch.setattr(ToyBackend, "front_door", door)
+    c = node_specs(build_plan(*toy))["c1"]["C"]
+    block = c["proxy"]
+    assert block["mode"] == "router" and block["router"] == ["127.0.1.9:7301"]
+    assert "prefill" not in block and "decode" not in block
+    assert block["options"]["router_health_path"] == "/health"
+    assert not any(f["path"].endswith("pd_router.js") for f in c["files"])
