@@ -83,7 +83,7 @@ import sys
 import time
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible.module_utils.pd_node import atomic_write, read_cmdline, start_time
+from ansible.module_utils.pd_node import atomic_write, read_cmdline, read_stat, start_time
 
 MARKER = "pd-image-serve"
 RECORD = ".pd-image-serve.json"
@@ -157,12 +157,23 @@ def stop_server(path: str, grace: float = 5.0) -> list[int]:
     stopped = []
     if is_our_server(rec):
         pid = rec["pid"]
-        os.kill(pid, signal.SIGTERM)
-        end = time.monotonic() + grace
-        while time.monotonic() < end and is_our_server(rec):
-            time.sleep(0.05)
-        if is_our_server(rec):
-            os.kill(pid, signal.SIGKILL)
+
+        def running() -> bool:
+            # Once it is ours, follow it by PID and start time alone: an exiting process
+            # shows an empty command line before it lets go of its socket.
+            st = read_stat(pid)
+            return st is not None and not st.zombie and st.start_time == rec["start_time"]
+
+        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+            if not running():
+                break
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                break
+            end = time.monotonic() + wait
+            while time.monotonic() < end and running():
+                time.sleep(0.02)
         stopped.append(pid)
     os.unlink(rec_file)
     return stopped
