@@ -23,10 +23,13 @@ import json
 import os
 import re
 import signal
+import socket
 import sys
 import threading
 import time
 from typing import Any
+
+from pd_launcher.nodeutil import http_status
 
 ROUTES = ["/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics"]
 
@@ -294,28 +297,22 @@ class Agent:
     def probe(self, addr: str) -> str | None:
         """None when the peer is up, else why not. health.path null: a TCP connect
         (routers without a health endpoint; xllm-service opens its HTTP port only
-        once it has instances to route to), else GET path, 2xx = up."""
-        import http.client
-        import socket
-
+        once it has instances to route to), else GET path, 2xx = up. Direct
+        connections only (pd_launcher.nodeutil): never through an HTTP proxy."""
         host, _, port = addr.rpartition(":")
+        timeout = self.health["timeout_s"]
         if self.health.get("path") is None:
             try:
-                socket.create_connection((host.strip("[]"), int(port)),
-                                         timeout=self.health["timeout_s"]).close()
+                socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
                 return None
             except OSError as e:
                 return type(e).__name__ + (f": {e}" if str(e) else "")
         try:
-            c = http.client.HTTPConnection(host.strip("[]"), int(port),
-                                           timeout=self.health["timeout_s"])
-            c.request("GET", self.health["path"])
-            st = c.getresponse().status
-            c.close()
+            st = http_status(f"http://{host}:{port}{self.health['path']}", timeout=timeout)
             return None if 200 <= st < 300 else f"status {st}"
         except OSError as e:
             return type(e).__name__ + (f": {e}" if str(e) else "")
-        except Exception as e:  # http.client.HTTPException and friends
+        except Exception as e:  # http.client.HTTPException, bad URL
             return type(e).__name__
 
     def check_once(self) -> bool:
