@@ -140,11 +140,18 @@ def task_hosts(stdout: str, task: str) -> dict[str, list[str]]:
 
 
 def status_rows(stdout: str) -> dict[str, list[str]]:
+    """The rows of status.yml's table, keyed "node/unit" (unit: P, D, C or a service
+    name), each split on whitespace (state and health may span several words)."""
     rows = {}
+    inside = False
     for line in stdout.splitlines():
         line = line.strip().strip("-").strip().strip("'")
         parts = line.split()
-        if len(parts) >= 6 and parts[1] in ("P", "D", "C"):
+        if parts[:2] == ["NODE", "ROLE"]:
+            inside = True
+        elif inside and line.endswith("units healthy"):
+            inside = False
+        elif inside and len(parts) >= 6:
             rows[f"{parts[0]}/{parts[1]}"] = parts
     return rows
 
