@@ -130,9 +130,10 @@ CORE: tuple[Variable, ...] = (
     _v("pd_proxy_worker_processes", 1, "proxy", "nginx worker processes."),
 )
 
-# Ansible role knobs: read by the playbooks (roles/pd_defaults/defaults/main.yml holds the
-# same defaults; tests/unit/test_settings.py keeps the two in sync). Declared here so an
-# inventory or -e typo of one of them is an error, not silently ignored.
+# Ansible role knobs: read by the playbooks. Their defaults live in roles/pd_defaults
+# (the shared ones) and in each role's defaults/main.yml; tests/unit/test_role_knobs.py
+# keeps those and this table in sync. Declared here so an inventory or -e typo of one of
+# them is an error, not silently ignored.
 ROLE_KNOBS: tuple[Variable, ...] = (
     _v("pd_runtime", "process", "role", "process: the launcher runs on the host | container: "
        "one container per node and unit."),
@@ -316,7 +317,7 @@ def unknown_variable(name: str) -> str:
 
     close = difflib.get_close_matches(name, list(declared()), n=1, cutoff=0.6)
     hint = f"; did you mean {close[0]}?" if close else ""
-    return f"unknown pd-deploy variable{hint} (declared ones: README, Inventory reference)"
+    return f"unknown pd-deploy variable{hint} (see README, Inventory reference)"
 
 
 if __name__ == "__main__":

@@ -66,10 +66,15 @@ def pd_spec_checks(spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def pd_cluster_plan(groups: Any, hostvars: Any) -> dict[str, Any]:
+def pd_cluster_plan(groups: Any, hostvars: Any, on_error: str = "fail") -> dict[str, Any]:
+    """The plan; on an invalid inventory, fail listing every error, or with
+    on_error='return' give {"errors": ["host: field: message", ...]} (so a play builds
+    the plan once and asserts on the errors)."""
     try:
         return plan_document(*_inputs(groups, hostvars))
     except PlanInvalid as exc:
+        if on_error == "return":
+            return {"errors": [str(e) for e in exc.errors]}
         lines = "\n".join(f"  - {e}" for e in exc.errors)
         raise AnsibleFilterError(
             f"pd-deploy: the inventory has {len(exc.errors)} error(s):\n{lines}") from None

@@ -6,7 +6,7 @@ DOCUMENTATION = r"""
 module: pd_unit_remove
 short_description: Remove a stopped unit's run and state files (and logs if asked)
 description:
-  - Removes C(<base>/run/<role>) and C(<base>/state/<role>), C(<base>/logs/<role>) when
+  - Removes C(<base>/run/<unit>) and C(<base>/state/<unit>), C(<base>/logs/<unit>) when
     O(remove_logs) is true, and the launcher (C(<base>/lib)) once no unit is left on
     the node.
   - Refuses while the unit's launcher state file still exists (the unit was not
@@ -18,11 +18,14 @@ options:
     description: The node's C(pd_base_dir).
     type: path
     required: true
-  role:
-    description: The unit's role.
+  unit:
+    description:
+      - The unit's name, a directory name under the node's run, state and logs
+        directories - V(P), V(D), V(C) (the front door) or a service's name.
+      - Letters, digits, C(-) and C(_) only, starting with a letter or digit.
     type: str
     required: true
-    choices: [P, D, C]
+    aliases: [role]
   remove_logs:
     description: Also remove the unit's logs.
     type: bool
@@ -33,7 +36,13 @@ EXAMPLES = r"""
 - name: Remove the decode unit's files, keep its logs
   pd_unit_remove:
     base_dir: /opt/pd
-    role: D
+    unit: D
+
+- name: Remove the etcd service unit with its logs
+  pd_unit_remove:
+    base_dir: /opt/pd
+    unit: etcd
+    remove_logs: true
 """
 
 RETURN = r"""
@@ -46,22 +55,28 @@ removed:
 """
 
 import os
+import re
 import shutil
 
 from ansible.module_utils.basic import AnsibleModule
 from ansible.module_utils.pd_node import state_path
+
+UNIT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 
 
 def main() -> None:
     module = AnsibleModule(
         argument_spec={
             "base_dir": {"type": "path", "required": True},
-            "role": {"type": "str", "required": True, "choices": ["P", "D", "C"]},
+            "unit": {"type": "str", "required": True, "aliases": ["role"]},
             "remove_logs": {"type": "bool", "default": False},
         },
         supports_check_mode=True,
     )
-    base, role = module.params["base_dir"], module.params["role"]
+    base, role = module.params["base_dir"], module.params["unit"]
+    if not UNIT_RE.match(role):
+        module.fail_json(msg=f"unit {role!r} is not a unit name (letters, digits, - and _; "
+                             "it names a directory under the node's base dir)")
     state_file = state_path(os.path.join(base, "state", role))
     if os.path.exists(state_file):
         module.fail_json(msg=f"{state_file} still exists: the unit is not stopped (stop it "

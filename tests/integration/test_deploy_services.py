@@ -64,13 +64,6 @@ def engines_ready(cluster: Cluster) -> list[float]:
     return out
 
 
-def remove_takes_service_units() -> bool:
-    """Whether plugins/modules/pd_unit_remove accepts a service's name as its unit
-    (`role`, used as the directory name); it took only P, D and C when this was written."""
-    text = (REPO / "plugins" / "modules" / "pd_unit_remove.py").read_text()
-    return '"choices": ["P", "D", "C"]' not in text
-
-
 def stop_leftovers(cluster: Cluster) -> None:
     """Stop whatever a failed cleanup left running (the launcher stops what it recorded)."""
     for state in cluster.state_files():
@@ -111,9 +104,6 @@ def test_services_start_in_phase_order_show_in_status_and_are_removed(tmp_path):
         changed = {h: r["changed"] for h, r in recap(again.stdout).items()}
         assert set(changed.values()) == {0}, changed
 
-        if not remove_takes_service_units():
-            pytest.xfail("pd_unit_remove accepts only P, D and C as `role`: cleanup.yml "
-                         "cannot remove the registry and router units yet")
         pids = cluster.recorded_pids()
         # 8 engine processes and 5 launchers; registry and router with theirs; C: 2 + 1
         assert len(pids) == 8 + 5 + 2 + 2 + 3, pids
@@ -143,8 +133,6 @@ def test_no_front_door_deploys_no_nginx(tmp_path):
         assert not any(addr.endswith(":7000") for addr in cluster.listening())
         rows = status_rows(cluster.playbook("status.yml").stdout)
         assert "c1/C" not in rows and rows["c1/router"][4] == "running", rows
-        if not remove_takes_service_units():
-            pytest.xfail("pd_unit_remove accepts only P, D and C as `role`")
         cluster.playbook("cleanup.yml")
         assert cluster.state_files() == [] and unit_dirs(cluster) == []
     finally:

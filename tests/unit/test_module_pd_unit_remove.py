@@ -57,6 +57,22 @@ def test_check_mode_reports_and_removes_nothing(mod, tmp_path):
     assert (base / "run" / "D").is_dir() and (base / "logs" / "D" / "engine.log").exists()
 
 
-def test_an_unknown_role_is_refused(mod, tmp_path):
-    r = failed(mod, {"base_dir": str(tmp_path), "role": "X"})
-    assert "role" in r["msg"] and "P, D, C" in r["msg"]
+def test_role_is_an_alias_of_unit(mod, tmp_path):
+    base = node(tmp_path)
+    r = ok(mod, {"base_dir": str(base), "role": "D"})
+    assert str(base / "run" / "D") in r["removed"]
+
+
+def test_service_unit_by_name(mod, tmp_path):
+    base = node(tmp_path, roles=("P", "etcd"))
+    r = ok(mod, {"base_dir": str(base), "unit": "etcd", "remove_logs": True})
+    assert sorted(r["removed"]) == sorted(str(base / d / "etcd") for d in ("run", "state", "logs"))
+    assert (base / "run" / "P").is_dir() and (base / "lib").exists()
+
+
+@pytest.mark.parametrize("bad", ["../P", "a/b", "..", "", "-x", "x y"])
+def test_unit_name_is_a_plain_directory_name(mod, tmp_path, bad):
+    base = node(tmp_path)
+    r = failed(mod, {"base_dir": str(base), "unit": bad})
+    assert "not a unit name" in r["msg"]
+    assert (base / "run" / "P").is_dir()

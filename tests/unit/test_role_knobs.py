@@ -61,7 +61,7 @@ def test_every_knob_has_a_comment_and_an_argument_spec():
 def test_shared_knobs_live_in_pd_defaults_and_its_users_depend_on_it():
     knobs = role_knobs()
     for name in ("pd_runtime", "pd_python", "pd_container_cli", "pd_container_cli_args",
-                 "pd_container_env", "pd_image", "pd_bundle_dir"):
+                 "pd_container_env", "pd_image"):
         assert knobs[name][0] == "pd_defaults", name
     for path in REPO.glob("roles/*/tasks/*.yml"):
         role = path.parts[-3]
