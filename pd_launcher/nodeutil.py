@@ -37,7 +37,11 @@ STATE_SCHEMA = 1
 
 MASK = "***"
 _SECRET_ENV_WORDS = ("KEY", "TOKEN", "SECRET", "PASSWORD")
-_SECRET_FLAG_WORDS = {"key", "token", "secret", "password", "apikey", "passwd"}
+# whole words of a name split at - _ . (so --max-num-batched-tokens and --tokenizer_path
+# are not secrets, --hf-token, HF_TOKEN and api_key are); pd_deploy.masking uses the same
+_SECRET_WORDS = frozenset({"key", "apikey", "token", "secret", "password", "passwd",
+                           "credential", "credentials"})
+_NAME_WORDS = re.compile(r"[-_.]+")
 _SECRET_IN_TEXT = re.compile(r"(?P<flag>--?[A-Za-z0-9_-]+)(?P<sep>[ =])(?P<value>\S+)")
 
 
@@ -55,10 +59,12 @@ def is_secret_flag(flag: str) -> bool:
 
     `--tokenizer` or `--max-num-batched-tokens` are not.
     """
-    if not flag.startswith("-"):
-        return False
-    words = re.split(r"[-_]+", flag.lstrip("-").lower())
-    return any(w in _SECRET_FLAG_WORDS for w in words)
+    return flag.startswith("-") and is_secret_name(flag)
+
+
+def is_secret_name(name: str) -> bool:
+    """True for a flag, env variable or option name one of whose words is a secret word."""
+    return any(w.lower() in _SECRET_WORDS for w in _NAME_WORDS.split(name.lstrip("-")) if w)
 
 
 def mask_argv(argv: Iterable[str]) -> List[str]:

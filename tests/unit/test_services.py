@@ -84,3 +84,30 @@ def test_router_front_door_block(toy, monkeypatch):
     assert "prefill" not in block and "decode" not in block
     assert block["options"]["router_health_path"] == "/health"
     assert not any(f["path"].endswith("pd_router.js") for f in c["files"])
+
+
+@pytest.mark.parametrize("name,phase,text", [
+    ("registry", "during-engines", "phase 'during-engines' is not one of"),
+    ("C", "before-engines", "bad or duplicate service name 'C'"),
+    ("a/b", "before-engines", "bad or duplicate service name 'a/b'"),
+])
+def test_a_backend_bug_in_its_services_is_named(toy, monkeypatch, name, phase, text):
+    from pd_deploy.engines.base import Service
+    from tests.fixtures.toy_backend import ToyBackend
+
+    monkeypatch.setattr(ToyBackend, "services", lambda self, plan: [
+        Service(name=name, phase=phase, processes=[])])
+    with pytest.raises(ValueError) as info:
+        node_specs(build_plan(*toy))
+    assert str(info.value).startswith("backend toy: ") and text in str(info.value)
+
+
+def test_two_services_with_one_name(toy, monkeypatch):
+    from pd_deploy.engines.base import Service
+    from tests.fixtures.toy_backend import ToyBackend
+
+    monkeypatch.setattr(ToyBackend, "services", lambda self, plan: [
+        Service(name="x", phase="before-engines", processes=[]),
+        Service(name="x", phase="after-engines", processes=[])])
+    with pytest.raises(ValueError, match="bad or duplicate service name 'x'"):
+        node_specs(build_plan(*toy))
