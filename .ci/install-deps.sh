@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Install the Debian packages pd-deploy's demo and tests need, only those missing.
-# Usage: .ci/install-deps.sh [demo|test]   (demo: nginx + njs; test: everything)
+# Usage: .ci/install-deps.sh [demo|test]   (demo: nginx + njs + etcd; test: everything)
 set -euo pipefail
 what=${1:-test}
-pkgs=(nginx libnginx-mod-http-js iproute2 procps curl)
+# etcd-server: the real etcd the xLLM backend starts (emulated xLLM registers in it)
+pkgs=(nginx libnginx-mod-http-js iproute2 procps curl etcd-server)
 if [ "$what" = test ]; then
   pkgs+=(openssh-server openssh-client podman runc catatonit debootstrap uidmap tar)
 fi
