@@ -63,6 +63,9 @@ def plan_document(groups: dict[str, list[str]], hostvars: dict[str, dict[str, An
         ],
         "units": {host: {u: unit_phase(s) for u, s in by_unit.items()}
                   for host, by_unit in specs.items()},
+        # service units whose readiness needs the engines (site.yml waits after them)
+        "gates": {host: [u for u, s in by_unit.items() if s.get("gate")]
+                  for host, by_unit in specs.items()},
         "specs": specs,
     }
 

@@ -44,6 +44,8 @@ ASCEND_MOUNTS = (
     "/etc/hccn.conf",
 )
 ASCEND_OPTIONAL_MOUNTS = ("/usr/bin/hccn_tool",)
+#: engines that run on Ascend NPUs: their containers get the devices and driver mounts
+ASCEND_ENGINES = ("vllm-ascend", "xllm")
 
 
 class ContainerError(ValueError):
@@ -100,8 +102,8 @@ def unit_containers(ps_text: Any, spec: Mapping[str, Any]) -> list[dict[str, Any
 
 def host_paths(spec: Mapping[str, Any]) -> list[str]:
     """Host paths a unit's container mounts that must exist (preflight checks them):
-    the Ascend driver files for vllm-ascend engines; nothing for others."""
-    if _is_engine(spec) and spec.get("engine") == "vllm-ascend":
+    the Ascend driver files for Ascend engines (vllm-ascend, xllm); nothing for others."""
+    if _is_engine(spec) and spec.get("engine") in ASCEND_ENGINES:
         return list(ASCEND_MOUNTS)
     return []
 
@@ -109,7 +111,7 @@ def host_paths(spec: Mapping[str, Any]) -> list[str]:
 def optional_host_paths(spec: Mapping[str, Any]) -> list[str]:
     """Host paths mounted only when present on the node (stat them, pass the existing
     ones as ``settings["present"]``)."""
-    if _is_engine(spec) and spec.get("engine") == "vllm-ascend":
+    if _is_engine(spec) and spec.get("engine") in ASCEND_ENGINES:
         return list(ASCEND_OPTIONAL_MOUNTS)
     return []
 
@@ -143,7 +145,8 @@ def run_argv(spec: Mapping[str, Any], settings: Mapping[str, Any]) -> list[str]:
     SIGTERM to the launcher), stop timeout = grace + margin, the unit's run/state/log
     directories mounted read-write at the same path, the launcher package read-only,
     the model read-only (real engines), and the accelerators: every Ascend device file
-    plus the driver mounts (vllm-ascend), all GPUs (vllm: CDI for podman, ``--gpus``
+    plus the driver mounts and /etc/hccn.conf (vllm-ascend, xllm), all GPUs (vllm: CDI
+    for podman, ``--gpus``
     for docker); none for the emulator and the proxy.
     """
     for key in ("name", "image", "spec_path", "lib"):
@@ -171,18 +174,19 @@ def run_argv(spec: Mapping[str, Any], settings: Mapping[str, Any]) -> list[str]:
         argv += ["--volume", f"{d}:{d}"]
     argv += ["--volume", f"{lib}:{lib}:ro"]
     checks = spec.get("checks") or {}
+    real = engine_unit and engine in ASCEND_ENGINES + ("vllm",)
+    mounts: list[str] = []
     if engine_unit:
         # the proxy's checks.paths (the njs module) live in the image, not on the host
-        for path in _unique(checks.get("paths") or []):
-            argv += ["--volume", f"{path}:{path}:ro"]
-    real = engine_unit and engine in ("vllm-ascend", "vllm")
-    if real and engine == "vllm-ascend":
+        mounts += checks.get("paths") or []
+    if real and engine in ASCEND_ENGINES:
         for dev in _unique(checks.get("devices") or []):
             argv += ["--device", dev]
         present = set(_str_list(settings.get("present"), "present"))
-        for path in host_paths(spec) + [p for p in optional_host_paths(spec) if p in present]:
-            argv += ["--volume", f"{path}:{path}:ro"]
-    elif real and engine == "vllm":
+        mounts += host_paths(spec) + [p for p in optional_host_paths(spec) if p in present]
+    for path in _unique(mounts):
+        argv += ["--volume", f"{path}:{path}:ro"]
+    if real and engine == "vllm":
         argv += ["--device", "nvidia.com/gpu=all"] if cli.endswith("podman") else ["--gpus", "all"]
     if engine_unit:
         argv += _str_list(settings.get("extra_args"), "extra_args")

@@ -123,6 +123,7 @@ def service_spec(plan: ClusterPlan, proxy: ProxyHost, svc: Service) -> NodeSpec:
         files=as_files(svc.files, where),
         pre_start=[list(a) for a in svc.pre_start],
         processes=as_processes(svc.processes, where),
+        gate=svc.gate,
     )
 
 

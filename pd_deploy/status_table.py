@@ -127,7 +127,26 @@ def pd_status_table(plan: Mapping[str, Any], hostvars: Mapping[str, Any]) -> lis
         containers = _containers(hv.get("pd_status_containers") if hasattr(hv, "get") else None)
         for name, spec in by_role.items():
             rows.append(unit_row(host, name, spec, units.get(name), containers, runtime))
-    return format_table(rows)
+    lines = format_table(rows)
+    for host in plan["specs"]:
+        hv = hostvars[host]
+        report = hv.get("pd_status_gates") if hasattr(hv, "get") else None
+        lines += gate_lines(host, report)
+    return lines
+
+
+def gate_lines(host: str, report: Mapping[str, Any] | None) -> list[str]:
+    """What each gated service of HOST says is registered or missing (status.yml ran
+    the gate's explain command)."""
+    out: list[str] = []
+    for res in (report or {}).get("results", []):
+        if res.get("skipped"):
+            continue
+        text = str(res.get("stdout") or res.get("msg") or "").rstrip()
+        verdict = "ok" if res.get("rc") == 0 else "NOT READY"
+        out.append(f"{host}/{res.get('pd_gate_unit') or res.get('item')} gate: {verdict}")
+        out += [f"  {line}" for line in text.splitlines()]
+    return out
 
 
 def format_table(rows: list[dict[str, str]]) -> list[str]:

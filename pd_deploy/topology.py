@@ -27,9 +27,10 @@ if TYPE_CHECKING:  # pragma: no cover (the backends import this module)
     from pd_deploy.engines.base import Backend
 
 ROLES = ("P", "D")
-HOST_KEYS = ("ansible_host", "host_ip", "node_ip", "devices", "nic")  # non-pd_ inventory vars
+# non-pd_ inventory variables the planner reads
+HOST_KEYS = ("ansible_host", "host_ip", "node_ip", "devices", "nic", "device_ips")
 FRONT_DOORS = ("nginx", "none")
-INSTANCE_WIDE = ("pd_engine", "pd_dp_mode", "pd_tp", "pd_model_path")
+INSTANCE_WIDE = ("pd_engine", "pd_emulate", "pd_dp_mode", "pd_tp", "pd_model_path")
 
 
 @dataclass
@@ -293,26 +294,40 @@ def _check_declared(readers: Mapping[str, Reader]) -> None:
         readers[hosts[0]].fail(name, unknown_variable(name) + also)
 
 
+def _engine_backend(r: Reader) -> tuple[str, Backend] | None:
+    """(pd_engine, its backend) of a host; the emulator's backend is the one of the
+    engine it emulates (pd_emulate)."""
+    from pd_deploy.engines import EMULATOR, backend_for, emulated_names, engine_names
+
+    engine = r.text("pd_engine", engine_names())
+    if engine is None:
+        return None
+    if engine == EMULATOR:
+        emulate = r.text("pd_emulate", emulated_names())
+        if emulate is None:
+            return None
+        return f"{engine} ({emulate})", backend_for(engine, emulate)
+    return engine, backend_for(engine)
+
+
 def _cluster_backend(groups: Mapping[str, list[str]], readers: Mapping[str, Reader],
                      cluster_r: Reader) -> Backend | None:
     """The one backend of the cluster: every P/D host's pd_engine must belong to it."""
-    from pd_deploy.engines import backend_for, engine_names  # backends import this module
-
     chosen: tuple[Backend, str, str] | None = None
     for host in groups.get("P", []) + groups.get("D", []):
         r = readers[host]
-        engine = r.text("pd_engine", engine_names())
-        if engine is None:
+        found = _engine_backend(r)
+        if found is None:
             continue
-        backend = backend_for(engine)
+        engine, backend = found
         if chosen is None:
             chosen = (backend, host, engine)
         elif backend is not chosen[0]:
             r.fail("pd_engine", f"{engine!r} needs the {backend.name} backend but {chosen[1]} "
                    f"runs {chosen[2]!r} ({chosen[0].name}); one cluster runs one engine family")
     if chosen is None:
-        engine = cluster_r.text("pd_engine", engine_names())
-        return backend_for(engine) if engine else None
+        found = _engine_backend(cluster_r)
+        return found[1] if found else None
     return chosen[0]
 
 
@@ -388,10 +403,11 @@ def _instance(
     name: str, role: str, members: list[_HostIn], nodes: dict[str, Node],
     backend: Backend | None,
 ) -> Instance | None:
-    from pd_deploy.engines import backend_for, engine_names
+    from pd_deploy.engines import engine_names
 
     mr = members[0].r
     engine = mr.text("pd_engine", engine_names())
+    found = _engine_backend(mr)
     dp_mode = mr.text("pd_dp_mode", DP_MODES)
     tp = mr.integer("pd_tp", 1, 1024)
     model = mr.text("pd_model_path")
@@ -402,7 +418,7 @@ def _instance(
     api_port = mr.port("pd_api_port")
     rpc_port = mr.port("pd_dp_rpc_port")
     opts = None
-    if backend is not None and engine is not None and backend_for(engine) is backend:
+    if backend is not None and found is not None and found[1] is backend:
         opts = backend.instance_options(engine, mr)
     extra = mr.typed("pd_extra_args", list) or []
     extra = [str(a) for a in extra]
@@ -541,6 +557,7 @@ class Binding:
     port: int
     use: str
     owner: str  # "host/what"
+    field: str | None = None  # the variable that sets it (default: by use)
 
 
 def bindings(plan_instances: Iterable[Instance], nodes: Mapping[str, Node],
@@ -557,8 +574,10 @@ def bindings(plan_instances: Iterable[Instance], nodes: Mapping[str, Node],
                 out.append(Binding(node.bind, rank.api_port, "api", who))
             for t in range(width):
                 out.append(Binding(node.ip, rank.kv_port + t, "kv", who))
-        if node.master:
+        if node.master and backend.uses_dp_rpc(inst):
             out.append(Binding(node.ip, inst.dp_rpc_port, "dp_rpc", f"{node.host}/dp-master"))
+        for ip, port, use, var in backend.node_bindings(inst, node):
+            out.append(Binding(ip, port, use, f"{node.host}/{use}", var))
     for p in proxies:
         out.append(Binding(p.bind, p.port, "proxy", f"{p.host}/proxy"))
         out.append(Binding(p.bind, p.admin_port, "admin", f"{p.host}/proxy-agent"))
@@ -575,7 +594,8 @@ def _check_ports(
     for b in bindings(instances, nodes, proxies, backend):
         host = b.owner.split("/")[0]
         if not 1 <= b.port <= 65535:
-            readers[host].fail(field_of[b.use], f"{b.use} port {b.port} is outside 1..65535")
+            readers[host].fail(b.field or field_of[b.use],
+                               f"{b.use} port {b.port} is outside 1..65535")
             continue
         wildcard = [(ip, b.port) for ip in (b.ip, "0.0.0.0", "::")]
         clash = next((seen[k] for k in wildcard if k in seen), None)
@@ -583,8 +603,8 @@ def _check_ports(
             clash = next((v for (ip, port), v in seen.items() if port == b.port), None)
         if clash is not None:
             readers[host].fail(
-                field_of[b.use], f"{b.use} port {b.ip}:{b.port} ({b.owner}) is also bound by "
-                f"{clash.owner} ({clash.use})")
+                b.field or field_of[b.use], f"{b.use} port {b.ip}:{b.port} ({b.owner}) is "
+                f"also bound by {clash.owner} ({clash.use})")
             continue
         seen[(b.ip, b.port)] = b
 

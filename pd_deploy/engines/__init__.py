@@ -17,7 +17,12 @@ if TYPE_CHECKING:  # pragma: no cover
 # The registry: "module:class" of every backend, in the README's order.
 BACKENDS: tuple[str, ...] = (
     "pd_deploy.engines.vllm:VllmBackend",
+    "pd_deploy.engines.xllm:XllmBackend",
 )
+
+#: pd_engine value of the engine emulator; pd_emulate names the engine it stands in
+#: for, whose backend then plans exactly that engine's argv (Backend.emulates)
+EMULATOR = "emulator"
 
 
 # Out-of-tree backends (developing a new one, tests): "module:Class,module:Class".
@@ -55,9 +60,38 @@ def by_engine() -> dict[str, Backend]:
     return out
 
 
+@cache
+def by_emulation() -> dict[str, Backend]:
+    """pd_emulate value -> backend."""
+    out: dict[str, Backend] = {}
+    for backend in registry().values():
+        for name in backend.emulates:
+            if name in out:
+                raise ValueError(f"pd_emulate {name!r} is served by {out[name].name} and "
+                                 f"{backend.name}")
+            out[name] = backend
+    return out
+
+
 def engine_names() -> tuple[str, ...]:
-    return tuple(by_engine())
+    return tuple(by_engine()) + (EMULATOR,)
 
 
-def backend_for(engine: str) -> Backend:
+def emulated_names() -> tuple[str, ...]:
+    return tuple(by_emulation())
+
+
+def backend_for(engine: str, emulate: str | None = None) -> Backend:
+    """The backend of a pd_engine value (for the emulator: of the engine it emulates,
+    pd_emulate, default vllm)."""
+    if engine == EMULATOR:
+        return by_emulation()[emulate or "vllm"]
     return by_engine()[engine]
+
+
+def reset() -> None:
+    """Forget the registry (after changing PD_DEPLOY_BACKENDS, in tests)."""
+    for cached in (registry, by_engine, by_emulation):
+        clear = getattr(cached, "cache_clear", None)  # tests may have replaced one
+        if clear is not None:
+            clear()

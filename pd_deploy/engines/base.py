@@ -20,7 +20,7 @@ from pd_deploy.settings import Reader, Variable
 
 if TYPE_CHECKING:  # pragma: no cover
     from pd_deploy.topology import ClusterPlan, Instance, Node
-    from pd_launcher.launcher.spec import NodeSpec
+    from pd_launcher.launcher.spec import Gate, NodeSpec
 
 PHASES = ("before-engines", "after-engines")
 
@@ -44,6 +44,9 @@ class Service:
     hosts: list[str] = field(default_factory=list)
     #: port -> the inventory variable that sets it (named by clash errors)
     port_vars: dict[int, str] = field(default_factory=dict)
+    #: readiness that needs the engines (pd_launcher.launcher.spec.Gate): site.yml waits
+    #: for it after the engines started, and status shows its `explain` output
+    gate: Gate | None = None
 
 
 @dataclass
@@ -74,6 +77,9 @@ class Backend:
     name: ClassVar[str] = ""
     title: ClassVar[str] = ""
     engines: ClassVar[tuple[str, ...]] = ()
+    #: pd_emulate values it serves: with pd_engine emulator, the emulator gets exactly
+    #: the argv this backend plans for that engine (its own personality)
+    emulates: ClassVar[tuple[str, ...]] = ()
     #: the backend's own inventory variables (README table, unknown-variable check)
     variables: ClassVar[tuple[Variable, ...]] = ()
     #: engine flags the planner sets itself; pd_extra_args may not contain them
@@ -100,6 +106,15 @@ class Backend:
         """How many consecutive KV ports one DP rank takes (rank r starts at
         base + r * this)."""
         return 1
+
+    def uses_dp_rpc(self, inst: Instance) -> bool:
+        """The instance master binds pd_dp_rpc_port (DP rendezvous)."""
+        return True
+
+    def node_bindings(self, inst: Instance, node: Node) -> list[tuple[str, int, str, str]]:
+        """Ports a node binds beyond API, KV and DP RPC ports, as (ip, port, use, the
+        variable that sets it): the planner's clash check covers them."""
+        return []
 
     # ------------------------------------------------------------ rules
 

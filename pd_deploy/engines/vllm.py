@@ -180,12 +180,11 @@ def engine_spec(plan: ClusterPlan, node: Node) -> NodeSpec:
 class VllmBackend(Backend):
     name = "vllm"
     title = "vLLM family (vLLM-Ascend, vLLM, emulator)"
-    engines = ("vllm-ascend", "vllm", "emulator")
+    engines = ("vllm-ascend", "vllm")
+    emulates = FLAVOURS
     owned_flags = OWNED_FLAGS
     instance_wide = ("pd_connector",)
     variables = (
-        Variable("pd_emulate", "vllm", "instance", "With pd_engine=emulator: whose flags and "
-                 "env the emulator gets (vllm | vllm-ascend)."),
         Variable("pd_connector", None, "instance", "KV connector. Default MooncakeConnectorV1 "
                  "(vllm-ascend), NixlConnector (vllm). Its KV ports: Mooncake base + rank * tp "
                  "(+ tp worker), NIXL base + rank; defaults 36000 (Mooncake), 5600 (NIXL)."),

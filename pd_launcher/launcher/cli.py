@@ -5,7 +5,11 @@
                                         [--log-backups N]
     python -m pd_launcher stop --state-dir DIR [--grace S]
     python -m pd_launcher wait SPEC.json --timeout S [--interval S] [--state-dir DIR]
-                                         [--log-dir DIR] [--run-dir DIR]
+                                         [--log-dir DIR] [--run-dir DIR] [--gate]
+
+wait --gate waits for the spec's gate (a service's readiness that needs the engines,
+e.g. xllm-service's HTTP port) instead of its processes; on timeout it prints what the
+gate's `explain` command says is missing.
 
 --log-dir, --state-dir and --run-dir move the spec's dirs.log, dirs.state and dirs.run:
 every path under the old directory in the spec (files and their contents, pre_start,
@@ -82,6 +86,8 @@ def _parser(cmd: str) -> _Parser:
         p.add_argument("--state-dir")
         p.add_argument("--log-dir")
         p.add_argument("--run-dir")
+        p.add_argument("--gate", action="store_true",
+                       help="wait for the spec's gate instead of its processes")
     return p
 
 
@@ -232,13 +238,15 @@ def cmd_stop(args: argparse.Namespace) -> int:
 
 
 def cmd_wait(args: argparse.Namespace) -> int:
-    from .ready import wait_ready
+    from .ready import wait_gate, wait_ready
 
     spec = _placed(load_spec(args.spec), args.state_dir, args.log_dir, args.run_dir)
     # The spec's state dir counts even before the launcher has created it: `wait`
     # started right after `run` must not decide that there is no state to watch.
     state_dir = spec.dirs.get("state") or None
     log_dir = spec.dirs.get("log")
+    if args.gate:
+        return wait_gate(spec, args.timeout, args.interval, state_dir)
     return wait_ready(spec, args.timeout, args.interval, log_dir, state_dir)
 
 

@@ -155,3 +155,62 @@ def _tails(pending: Dict[str, Process], log_dir: Optional[str], last: Dict[str, 
             for line in lines:
                 err.write(f"    | {line}\n")
     err.flush()
+
+
+EXPLAIN_TIMEOUT = 15.0
+
+
+def explain_gate(argv: List[str], timeout: float = EXPLAIN_TIMEOUT) -> str:
+    """The output of a gate's `explain` command (what is missing), never raising."""
+    import subprocess
+
+    if not argv:
+        return ""
+    try:
+        done = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              timeout=timeout, check=False, env=_no_proxy_env())
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"(cannot run {argv[0]}: {exc})"
+    return done.stdout.decode("utf-8", "replace").rstrip()
+
+
+def _no_proxy_env() -> Dict[str, str]:
+    env = dict(os.environ)
+    for key in list(env):
+        if key.lower() in ("http_proxy", "https_proxy", "all_proxy", "no_proxy"):
+            del env[key]
+    return env
+
+
+def wait_gate(spec: NodeSpec, timeout: float, interval: float, state_dir: Optional[str],
+              out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
+    """`wait --gate`: poll the spec's gate probe; on timeout say what is missing."""
+    gate = spec.gate
+    if gate is None:
+        out.write("no gate in this spec: nothing to wait for\n")
+        return EXIT_OK
+    what = gate.what or gate.ready.describe()
+    start = time.monotonic()
+    since = time.time()
+    deadline = start + timeout
+    detail = "not probed"
+    while True:
+        gone = launcher_gone(state_dir, since)
+        if gone:
+            err.write(f"pd-launcher wait: {gone}; {what} never opened\n")
+            return EXIT_CHILD
+        ok, detail = probe_ready(gate.ready, max(0.2, min(2.0, deadline - time.monotonic())))
+        if ok:
+            out.write(f"ready: {what} ({detail}) after {time.monotonic() - start:.1f}s\n")
+            return EXIT_OK
+        now = time.monotonic()
+        if now >= deadline:
+            break
+        time.sleep(max(0.0, min(interval, deadline - now)))
+    err.write(f"pd-launcher wait: timed out after {timeout:.1f}s: {what} is not ready "
+              f"({gate.ready.describe()}: {detail})\n")
+    told = explain_gate(gate.explain)
+    if told:
+        err.write("what is missing:\n" + "".join(f"  {line}\n" for line in told.splitlines()))
+    err.flush()
+    return EXIT_TIMEOUT

@@ -79,6 +79,18 @@ class Process:
 
 
 @dataclass
+class Gate:
+    """A service's readiness that needs other units (e.g. xllm-service opens its HTTP
+    port only once a prefill and a decode registered): `wait --gate` waits for it after
+    those units started, not when this unit starts. `what` names it in messages;
+    `explain` (argv, optional) prints what is missing when it times out, and status."""
+
+    ready: Ready
+    what: str = ""
+    explain: List[str] = field(default_factory=list)
+
+
+@dataclass
 class SpecFile:
     path: str
     content: str
@@ -121,6 +133,8 @@ class NodeSpec:
     pre_start: List[List[str]] = field(default_factory=list)
     #: C units: the front door's block (docs/node-spec.md), opaque to the launcher
     proxy: Optional[Dict[str, Any]] = None
+    #: service units: readiness that needs the engines (see Gate); None: no gate
+    gate: Optional[Gate] = None
     #: top-level keys this launcher does not know, kept as they came
     extra: Dict[str, Any] = field(default_factory=dict)
     #: where it was read from and the decoded JSON (never serialised, not compared)
@@ -134,7 +148,7 @@ class NodeSpec:
 # Keys in the order spec_to_dict writes them (unit and phase only when set).
 SPEC_KEYS = ("schema", "cluster", "node", "role", "unit", "phase", "ip", "instance",
              "master", "engine", "base_dir", "dirs", "grace_seconds", "checks", "nic",
-             "files", "pre_start", "processes", "proxy")
+             "files", "pre_start", "processes", "proxy", "gate")
 PROCESS_KEYS = ("name", "argv", "env", "ports", "ready", "dp_ranks")
 
 
@@ -435,6 +449,8 @@ def parse_spec(raw: Any, source: str = "<spec>") -> NodeSpec:
         v.err("proxy", f"must be an object or null, got {type(proxy).__name__}")
         proxy = None
 
+    gate = _parse_gate(v, raw.get("gate"))
+
     if v.errors:
         raise SpecError(source, v.errors)
     return NodeSpec(
@@ -442,9 +458,25 @@ def parse_spec(raw: Any, source: str = "<spec>") -> NodeSpec:
         phase=phase, instance=instance, master=master, engine=engine, base_dir=base_dir,
         dirs=dirs, grace_seconds=grace, check_paths=check_paths, check_devices=check_devices,
         check_commands=check_commands, nic=nic, files=files, pre_start=pre_start,
-        proxy=proxy, extra={k: x for k, x in raw.items() if k not in SPEC_KEYS},
+        proxy=proxy, gate=gate,
+        extra={k: x for k, x in raw.items() if k not in SPEC_KEYS},
         source=source, raw=raw,
     )
+
+
+def _parse_gate(v: _V, val: Any) -> Optional[Gate]:
+    if val is None:
+        return None
+    if not isinstance(val, dict):
+        v.err("gate", "must be an object {ready, what, explain} or null")
+        return None
+    ready = _parse_ready(v, val.get("ready"), "gate.ready")
+    if ready is None and "gate.ready" not in " ".join(v.errors):
+        v.err("gate.ready", "required probe is missing")
+    what = v.str_(val, "what", "gate.", required=False, nonempty=False) or ""
+    explain = val.get("explain") or []
+    explain = v.argv(explain, "gate.explain") if explain else []
+    return Gate(ready=ready, what=what, explain=explain) if ready else None
 
 
 def load_spec(path: str) -> NodeSpec:
@@ -523,6 +555,9 @@ def spec_to_dict(spec: NodeSpec) -> Dict[str, Any]:
         "processes": [_process_to_dict(p) for p in spec.processes],
         "proxy": None if spec.proxy is None else copy.deepcopy(spec.proxy),
     })
+    if spec.gate is not None:
+        out["gate"] = {"ready": _ready_to_dict(spec.gate.ready), "what": spec.gate.what,
+                       "explain": list(spec.gate.explain)}
     out.update(copy.deepcopy(spec.extra))
     return out
 

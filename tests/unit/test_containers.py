@@ -129,12 +129,10 @@ def toy(monkeypatch):
 
     monkeypatch.setenv(engines.EXTRA_ENV, TOY)
     monkeypatch.setattr(settings, "_DEFAULTS", None)  # default_of caches the registry's
-    engines.registry.cache_clear()
-    engines.by_engine.cache_clear()
+    engines.reset()
     yield plan_document(*small("toy"))["specs"]
     monkeypatch.delenv(engines.EXTRA_ENV)
-    engines.registry.cache_clear()
-    engines.by_engine.cache_clear()
+    engines.reset()
 
 
 def test_service_units_have_their_own_name_and_pd_unit_label(toy):

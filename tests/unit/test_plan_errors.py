@@ -148,14 +148,13 @@ def test_all_errors_at_once_including_engine_rules():
 
 
 def test_one_engine_family_per_cluster(monkeypatch):
-    from pd_deploy.engines import base, by_engine, registry
+    from pd_deploy.engines import base, registry, reset
 
     class Other(base.Backend):
         name = "other"
         engines = ("other-engine",)
 
-    registry.cache_clear()
-    by_engine.cache_clear()
+    reset()
     monkeypatch.setattr("pd_deploy.engines.BACKENDS",
                         ("pd_deploy.engines.vllm:VllmBackend",))
     monkeypatch.setattr("pd_deploy.engines.registry",
@@ -164,7 +163,7 @@ def test_one_engine_family_per_cluster(monkeypatch):
         inp = mutate(small(), "d1", pd_engine="other-engine")
         assert_error(inp, "d1", "pd_engine", "one cluster runs one engine family")
     finally:
-        by_engine.cache_clear()
+        reset()
 
 
 def test_devices_not_divisible_by_tp():

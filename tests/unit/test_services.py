@@ -15,11 +15,9 @@ from .planfix import mutate, small
 @pytest.fixture()
 def toy(monkeypatch):
     monkeypatch.setenv(engines.EXTRA_ENV, "tests.fixtures.toy_backend:ToyBackend")
-    engines.registry.cache_clear()
-    engines.by_engine.cache_clear()
+    engines.reset()
     yield small(engine="toy")
-    engines.registry.cache_clear()
-    engines.by_engine.cache_clear()
+    engines.reset()
 
 
 def test_services_are_units_of_the_c_host_in_phase_order(toy):

@@ -85,12 +85,10 @@ def test_planner_inputs_round_trip(inputs):
 @pytest.fixture()
 def toy_backend(monkeypatch):
     monkeypatch.setenv(engines.EXTRA_ENV, TOY)
-    engines.registry.cache_clear()
-    engines.by_engine.cache_clear()
+    engines.reset()
     monkeypatch.setattr(settings, "_DEFAULTS", None)  # declared defaults incl. the toy's
     yield
-    engines.registry.cache_clear()
-    engines.by_engine.cache_clear()
+    engines.reset()
 
 
 @pytest.mark.parametrize("front_door", ["nginx", "none"])
