@@ -105,9 +105,21 @@ def render_text(doc: dict[str, Any]) -> str:
                      f"({inst['master_ip']}), hosts {', '.join(inst['hosts'])}, "
                      f"kv_port {inst['kv_port']}")
     p = doc["proxy"]
-    lines += [f"# proxy {', '.join(p['listens'])}",
-              f"#   prefill upstreams: {' '.join(p['prefill'])}",
-              f"#   decode upstreams:  {' '.join(p['decode'])}", ""]
+    door = doc.get("front_door") or {"mode": "pd"}
+    if door["mode"] == "pd":
+        lines += [f"# proxy {', '.join(p['listens'])}",
+                  f"#   prefill upstreams: {' '.join(p['prefill'])}",
+                  f"#   decode upstreams:  {' '.join(p['decode'])}"]
+    elif door["mode"] == "router":
+        lines += [f"# proxy {', '.join(p['listens'])} in front of the engine's router "
+                  f"{' '.join(door['router'])}"]
+    else:
+        lines += [f"# no front door: clients use the engine's router {door['entry']}"]
+    for svc in doc.get("services") or []:
+        ports = ", ".join(f"{q['host']}:{q['port']}/{q['use']}" for q in svc["ports"])
+        lines.append(f"# service {svc['name']} ({svc['phase']}) on {', '.join(svc['hosts'])}: "
+                     f"{ports}")
+    lines.append("")
     for host, node in doc["nodes"].items():
         dp = node["dp_ranks"]
         ranks = f" dp ranks {dp[0]}..{dp[-1]}" if dp else ""

@@ -293,6 +293,11 @@ class XllmBackend(Backend):
             if v is None:
                 r.fail(var, f"cannot read version {r.raw(var)!r}")
                 v = fallback
+            v = (tuple(v) + (0, 0))[:3]
+            if v < (0, 9, 1):
+                r.fail(var, f"{r.raw(var)} is too old: --etcd_namespace, which keeps each "
+                       "cluster's keys apart in etcd, first appears in xLLM 0.9.1 and "
+                       "xllm-service 0.9.1 (release/v0.9 heads); use 0.9.1 or later")
             versions[var] = v
         if versions["pd_xllm_version"] >= (0, 10) and versions["pd_xllm_service_version"] < (0, 10):
             r.fail("pd_xllm_version", (
