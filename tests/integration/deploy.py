@@ -71,12 +71,15 @@ class Cluster:
 def make_cluster(root: Path, subnet: str, runtime: str = "process",
                  connection: dict[str, Any] | None = None,
                  extra_vars: dict[str, Any] | None = None,
-                 host_vars: dict[str, dict[str, Any]] | None = None) -> Cluster:
+                 host_vars: dict[str, dict[str, Any]] | None = None,
+                 layout: dict[str, list[tuple[str, int, int | None, str | None]]] | None = None,
+                 ) -> Cluster:
     """Write an inventory like inventories/local but on SUBNET.x with nodes under ROOT.
-    host_vars: per-host variables (host -> vars), e.g. each node's own podman store."""
+    host_vars: per-host variables (host -> vars), e.g. each node's own podman store;
+    layout: group -> [(host, last octet, master's last octet, devices)] (default LAYOUT)."""
     children: dict[str, Any] = {}
     hosts: dict[str, str] = {}
-    for group, members in LAYOUT.items():
+    for group, members in (layout or LAYOUT).items():
         entries = {}
         for name, last, master, devices in members:
             ip = f"{subnet}.{last}"

@@ -189,3 +189,35 @@ def test_wait_tolerates_a_failed_state_file_that_a_new_launcher_replaces(node):
     out, err = waiter.communicate(timeout=40)
     assert waiter.returncode == 0, out + err
     assert "all 1 process(es) ready" in out
+
+
+def test_wait_gate_opens_after_the_processes_and_explains_a_timeout(node):
+    """`wait --gate`: the unit's own processes are ready; the gate (a port that only
+    opens later, like xllm-service's HTTP port) is waited for separately, and a gate
+    that never opens times out printing what its explain command says."""
+    host = "127.0.1.5"
+    rpc, http_port = free_port(host), free_port(host)
+    spec = node.spec([{"name": "svc", "argv": [PY, "-u", "-c", SLOW_TCP, host, str(rpc)],
+                       "ports": [{"host": host, "port": rpc, "use": "rpc"}],
+                       "ready": {"type": "tcp", "host": host, "port": rpc}}])
+    spec["unit"], spec["phase"] = "svc", "before-engines"
+    spec["gate"] = {"ready": {"type": "tcp", "host": host, "port": http_port},
+                    "what": "the test gate",
+                    "explain": [PY, "-c", "print('missing: D1 (never registered)')"]}
+    spec_path = node.write_spec(spec)
+    node.start(spec_path)
+    r = node.cli("wait", str(spec_path), "--timeout", "20", "--interval", "0.2")
+    assert r.returncode == 0, r.stdout + r.stderr  # the processes, not the gate
+    r = node.cli("wait", str(spec_path), "--gate", "--timeout", "1.5", "--interval", "0.2")
+    assert r.returncode == 4, r.stdout + r.stderr
+    assert "the test gate is not ready" in r.stderr
+    assert "  missing: D1 (never registered)" in r.stderr
+    listener = socket.socket()
+    listener.bind((host, http_port))
+    listener.listen()
+    try:
+        r = node.cli("wait", str(spec_path), "--gate", "--timeout", "10", "--interval", "0.2")
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert r.stdout.startswith("ready: the test gate (tcp ")
+    finally:
+        listener.close()
