@@ -60,16 +60,20 @@ def main(argv: list[str] | None = None) -> int:
                 args.max_tokens, key)
     inv = args.inventory
     name = model["proxy"]["served_model_name"]
+    door = doc["front_door"]
+    behind = (f"{len(proxy['prefill'])} prefill and {len(proxy['decode'])} decode endpoints"
+              if door["mode"] == "pd" else f"in front of {doc['engine']}'s router "
+              f"{', '.join(door['router'])}")
     print(f"""
-The cluster is up: proxy {', '.join(proxy['listens'])}, {len(proxy['prefill'])} prefill and \
-{len(proxy['decode'])} decode endpoints.
+The cluster is up: proxy {', '.join(proxy['listens'])}, {behind}.
   try it:   curl -s http://{proxy['listen']}/v1/completions \\
               -H 'Content-Type: application/json' \\
               -d '{{"model": "{name}", "prompt": "hello", "max_tokens": 8}}'
   metrics:  curl -s http://{proxy['listen']}/metrics
   status:   .venv/bin/ansible-playbook -i {inv} status.yml
   logs:     .venv/bin/ansible-playbook -i {inv} logs.yml
-  remove:   .venv/bin/ansible-playbook -i {inv} cleanup.yml   (or: make demo-clean)""")
+  remove:   .venv/bin/ansible-playbook -i {inv} cleanup.yml   (or: make demo-clean \
+INVENTORY={inv})""")
     return rc
 
 

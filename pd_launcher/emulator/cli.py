@@ -1,4 +1,6 @@
-"""`python -m pd_launcher.emulator serve MODEL [vllm serve flags]`."""
+"""`python -m pd_launcher.emulator serve MODEL [vllm serve flags]`,
+`python -m pd_launcher.emulator xllm [xllm gflags]`,
+`python -m pd_launcher.emulator xllm_master_serving [xllm-service gflags]`."""
 from __future__ import annotations
 
 import asyncio
@@ -6,10 +8,13 @@ import sys
 from typing import List, Optional
 
 USAGE = """usage: python -m pd_launcher.emulator serve MODEL [vllm serve flags]
+       python -m pd_launcher.emulator xllm --model=PATH [xllm flags]
+       python -m pd_launcher.emulator xllm_master_serving [xllm-service flags]
 
-An engine emulator that stands in for `vllm serve`: same argv, same HTTP API,
-real KV hand-off between prefill and decode over TCP. See
-pd_launcher/emulator/README.md for the environment variables (PD_EMU_*).
+An engine emulator that stands in for `vllm serve` (same argv, same HTTP API, real
+KV hand-off between prefill and decode over TCP), for an xLLM device process and for
+xllm-service (gflags argv, a real etcd registry). See pd_launcher/emulator/README.md
+for the environment variables (PD_EMU_*).
 """
 
 
@@ -18,6 +23,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not args or args[0] in ("-h", "--help"):
         sys.stdout.write(USAGE)
         return 0 if args else 2
+    if args[0] == "xllm":
+        from .xllm.instance import main as xllm_main
+
+        return xllm_main(args[1:])
+    if args[0] == "xllm_master_serving":
+        from .xllm.service import main as service_main
+
+        return service_main(args[1:])
     if args[0] != "serve":
         sys.stderr.write(f"unknown command {args[0]!r}\n{USAGE}")
         return 2

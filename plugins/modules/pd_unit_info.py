@@ -181,6 +181,11 @@ def main() -> None:
         entry = recorded.get(name, {})
         spec_proc = spec_procs.get(name, {})
         ok, detail = results.get(name, (False, "not probed"))
+        if p["probe"] and name in spec_procs and not spec_proc.get("ready") and name in recorded:
+            # no probe of its own (e.g. xLLM's ranks > 0, covered by rank 0's /health):
+            # ready while it runs, as `pd_launcher wait` counts it
+            running = alive[name] if check else entry.get("exit") is None
+            ok, detail = bool(running), "no probe, running" if running else "no probe, not running"
         procs.append({
             "name": name,
             "pid": entry.get("pid"),

@@ -25,7 +25,16 @@ import pytest
 from pd_launcher.etcd_gateway import EtcdGateway
 from tests.fixtures.etcd import ETCD_MISSING, start_etcd
 
-from .deploy import REPO, Cluster, exercise_proxy, make_cluster, recap, status_rows, wait_until
+from .deploy import (
+    REPO,
+    Cluster,
+    exercise_proxy,
+    make_cluster,
+    recap,
+    status_rows,
+    task_hosts,
+    wait_until,
+)
 
 pytestmark = [
     pytest.mark.slow,
@@ -81,7 +90,9 @@ def test_xllm_deploy_serve_status_fail_cleanup(tmp_path):
     try:
         first = cluster.playbook("site.yml")
         assert "answered 200" in first.stdout
-        assert "ready: xllm-service HTTP port" in first.stdout
+        # the cluster-ready gate was waited for after the engines
+        assert task_hosts(first.stdout, "Wait until this gate opens: xllm-service").get("ok") == [
+            "c1"]
         keys = registered(cluster)
         assert set(keys) >= {p_key(cluster), p_key(cluster, "DECODE", "d1")}, keys
         info = json.loads(keys[p_key(cluster)])
@@ -105,7 +116,7 @@ def test_xllm_deploy_serve_status_fail_cleanup(tmp_path):
         assert set(rows) == {"p1a/P", "p1b/P", "d1/D", "c1/etcd", "c1/xllm-service",
                              "c1/C"}, rows
         for unit in rows.values():
-            assert unit[4] == "running", unit
+            assert unit[4] == "running" and unit[5].split("/")[0] == unit[5].split("/")[1], unit
         assert rows["p1a/P"][3] == "0" and rows["p1b/P"][3] == "1", rows
         assert "c1/xllm-service gate: ok" in status
         assert "present: P1" in status and "present: D1" in status

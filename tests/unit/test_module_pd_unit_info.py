@@ -197,3 +197,16 @@ def test_a_broken_spec_fails_with_its_path(mod, tmp_path):
     spec.write_text("{")
     r = failed(mod, {"state_dir": str(tmp_path), "spec_path": str(spec)})
     assert r["msg"].startswith(f"cannot read the node spec {spec}: ")
+
+
+def test_a_process_without_a_probe_is_ready_while_it_runs(mod, tmp_path):
+    """xLLM's ranks > 0 have no probe of their own (rank 0's /health covers them):
+    ready while alive, as `pd_launcher wait` counts them; a dead one is not."""
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    dead = {"name": "dead", "pid": int(gone.stdout), "start_time": 1, "argv": ["x"]}
+    args = write_unit(tmp_path, [me("worker"), dead],
+                      spec_procs=[{"name": "worker"}, {"name": "dead"}])
+    by = {p["name"]: p for p in ok(mod, args)["processes"]}
+    assert by["worker"]["ready"] is True and by["worker"]["probe"] == "no probe, running"
+    assert by["dead"]["ready"] is False and by["dead"]["probe"] == "no probe, not running"
