@@ -61,6 +61,25 @@ def test_run_argv_ascend_engine_has_devices_driver_mounts_and_the_model():
     assert pairs(argv, "--env") == ["PYTHONPATH=/b/lib"]
 
 
+def test_run_argv_xllm_gets_the_npus_driver_mounts_and_hccn_conf_once():
+    from .test_xllm_plan import DELETE, mutate, two_host
+
+    doc = plan_document(*mutate(two_host(), device_ips=DELETE))  # hccn mode: it is a check
+    spec = doc["specs"]["p2"]["P"]
+    assert "/etc/hccn.conf" in spec["checks"]["paths"]
+    argv = c.run_argv(spec, SETTINGS)
+    assert pairs(argv, "--device") == [f"/dev/davinci{d}" for d in range(8)] + [
+        "/dev/davinci_manager", "/dev/devmm_svm", "/dev/hisi_hdc"]
+    vols = pairs(argv, "--volume")
+    assert vols.count("/etc/hccn.conf:/etc/hccn.conf:ro") == 1
+    for path in c.ASCEND_MOUNTS:
+        assert f"{path}:{path}:ro" in vols
+    assert "/models/q:/models/q:ro" in vols
+    # etcd and the service run in the C host's container without accelerators
+    svc = c.run_argv(doc["specs"]["c1"]["etcd"], SETTINGS)
+    assert "--device" not in svc and "--shm-size" not in svc
+
+
 def test_run_argv_hccn_tool_only_when_present():
     argv = c.run_argv(specs()["d1"]["D"], SETTINGS)
     assert "/usr/bin/hccn_tool:/usr/bin/hccn_tool:ro" not in pairs(argv, "--volume")
