@@ -3,8 +3,8 @@
 # Usage: .ci/install-deps.sh [demo|test]   (demo: nginx + njs + etcd; test: everything)
 set -euo pipefail
 what=${1:-test}
-# etcd-server: the real etcd the xLLM backend starts (emulated xLLM registers in it)
-pkgs=(nginx libnginx-mod-http-js iproute2 procps curl etcd-server)
+# etcd-server, redis-server: the real coordinators the xLLM and FastDeploy backends start
+pkgs=(nginx libnginx-mod-http-js iproute2 procps curl etcd-server redis-server)
 if [ "$what" = test ]; then
   pkgs+=(openssh-server openssh-client podman runc catatonit debootstrap uidmap tar)
 fi

@@ -28,7 +28,8 @@ if TYPE_CHECKING:  # pragma: no cover (the backends import this module)
 
 ROLES = ("P", "D")
 # non-pd_ inventory variables the planner reads
-HOST_KEYS = ("ansible_host", "host_ip", "node_ip", "devices", "nic", "device_ips")
+HOST_KEYS = ("ansible_host", "host_ip", "node_ip", "devices", "nic", "device_ips",
+             "rdma_nics")
 FRONT_DOORS = ("nginx", "none")
 INSTANCE_WIDE = ("pd_engine", "pd_emulate", "pd_dp_mode", "pd_tp", "pd_model_path")
 
@@ -442,6 +443,7 @@ def _instance(
     start = 0
     inst_hosts = []
     ok = True
+    stride = backend.api_ports_per_rank(opts) if backend is not None else 1
     for m in members:
         devices = _parse_devices(m.r)
         if devices is None:
@@ -460,7 +462,8 @@ def _instance(
                 rank=start + j,
                 local=j,
                 devices=devices[j * tp:(j + 1) * tp],
-                api_port=(api_port + j) if external else (api_port if master and j == 0 else None),
+                api_port=(api_port + j * stride) if external else (
+                    api_port if master and j == 0 else None),
                 kv_port=0,  # assigned once the instance's KV base is known
             ))
         nodes[m.host] = Node(

@@ -18,6 +18,7 @@ if TYPE_CHECKING:  # pragma: no cover
 BACKENDS: tuple[str, ...] = (
     "pd_deploy.engines.vllm:VllmBackend",
     "pd_deploy.engines.xllm:XllmBackend",
+    "pd_deploy.engines.fastdeploy:FastDeployBackend",
 )
 
 #: pd_engine value of the engine emulator; pd_emulate names the engine it stands in

@@ -107,6 +107,12 @@ class Backend:
         base + r * this)."""
         return 1
 
+    def api_ports_per_rank(self, opts: Mapping[str, Any]) -> int:
+        """API-side ports one external-DP rank takes: rank j of a node gets pd_api_port +
+        j * this (FastDeploy: --port, --metrics-port, the engine worker and cache queue
+        ports, one block of 4). `opts` are the instance's options."""
+        return 1
+
     def uses_dp_rpc(self, inst: Instance) -> bool:
         """The instance master binds pd_dp_rpc_port (DP rendezvous)."""
         return True

@@ -182,14 +182,37 @@ def _no_proxy_env() -> Dict[str, str]:
     return env
 
 
+def _gate_open(gate: Any, timeout: float) -> Tuple[bool, str]:
+    detail = "open"
+    if gate.ready is not None:
+        ok, detail = probe_ready(gate.ready, timeout)
+        if not ok:
+            return False, f"{gate.ready.describe()}: {detail}"
+    if gate.check:
+        import subprocess
+
+        try:
+            done = subprocess.run(gate.check, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                  timeout=max(2.0, timeout * 5), check=False,
+                                  env=_no_proxy_env())
+        except (OSError, subprocess.SubprocessError) as exc:
+            return False, f"cannot run {gate.check[0]}: {exc}"
+        last = (done.stdout.decode("utf-8", "replace").strip().splitlines() or [""])[-1]
+        if done.returncode != 0:
+            return False, f"check exited {done.returncode}: {last}"[:300]
+        return True, "check passed"
+    return True, detail
+
+
 def wait_gate(spec: NodeSpec, timeout: float, interval: float, state_dir: Optional[str],
               out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
-    """`wait --gate`: poll the spec's gate probe; on timeout say what is missing."""
+    """`wait --gate`: poll the spec's gate (probe and/or check command); on timeout say
+    what is missing (its explain command, or its check's output)."""
     gate = spec.gate
     if gate is None:
         out.write("no gate in this spec: nothing to wait for\n")
         return EXIT_OK
-    what = gate.what or gate.ready.describe()
+    what = gate.what or (gate.ready.describe() if gate.ready else " ".join(gate.check))
     start = time.monotonic()
     since = time.time()
     deadline = start + timeout
@@ -199,7 +222,7 @@ def wait_gate(spec: NodeSpec, timeout: float, interval: float, state_dir: Option
         if gone:
             err.write(f"pd-launcher wait: {gone}; {what} never opened\n")
             return EXIT_CHILD
-        ok, detail = probe_ready(gate.ready, max(0.2, min(2.0, deadline - time.monotonic())))
+        ok, detail = _gate_open(gate, max(0.2, min(2.0, deadline - time.monotonic())))
         if ok:
             out.write(f"ready: {what} ({detail}) after {time.monotonic() - start:.1f}s\n")
             return EXIT_OK
@@ -208,8 +231,8 @@ def wait_gate(spec: NodeSpec, timeout: float, interval: float, state_dir: Option
             break
         time.sleep(max(0.0, min(interval, deadline - now)))
     err.write(f"pd-launcher wait: timed out after {timeout:.1f}s: {what} is not ready "
-              f"({gate.ready.describe()}: {detail})\n")
-    told = explain_gate(gate.explain)
+              f"({detail})\n")
+    told = explain_gate(gate.explain or gate.check)
     if told:
         err.write("what is missing:\n" + "".join(f"  {line}\n" for line in told.splitlines()))
     err.flush()

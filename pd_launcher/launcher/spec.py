@@ -82,12 +82,15 @@ class Process:
 class Gate:
     """A service's readiness that needs other units (e.g. xllm-service opens its HTTP
     port only once a prefill and a decode registered): `wait --gate` waits for it after
-    those units started, not when this unit starts. `what` names it in messages;
-    `explain` (argv, optional) prints what is missing when it times out, and status."""
+    those units started, not when this unit starts. It is open when its `ready` probe
+    passes (if any) and its `check` command (argv, if any) exits 0, e.g. a router's
+    count of registered instances. `what` names it in messages; `explain` (argv,
+    optional; default: `check`) prints what is missing on a timeout, and in status."""
 
-    ready: Ready
+    ready: Optional[Ready] = None
     what: str = ""
     explain: List[str] = field(default_factory=list)
+    check: List[str] = field(default_factory=list)
 
 
 @dataclass
@@ -471,12 +474,14 @@ def _parse_gate(v: _V, val: Any) -> Optional[Gate]:
         v.err("gate", "must be an object {ready, what, explain} or null")
         return None
     ready = _parse_ready(v, val.get("ready"), "gate.ready")
-    if ready is None and "gate.ready" not in " ".join(v.errors):
-        v.err("gate.ready", "required probe is missing")
     what = v.str_(val, "what", "gate.", required=False, nonempty=False) or ""
     explain = val.get("explain") or []
     explain = v.argv(explain, "gate.explain") if explain else []
-    return Gate(ready=ready, what=what, explain=explain) if ready else None
+    check = val.get("check") or []
+    check = v.argv(check, "gate.check") if check else []
+    if ready is None and not check and val.get("ready") is None and not val.get("check"):
+        v.err("gate", "needs a ready probe, a check command or both")
+    return Gate(ready=ready, what=what, explain=explain, check=check)
 
 
 def load_spec(path: str) -> NodeSpec:
@@ -556,8 +561,9 @@ def spec_to_dict(spec: NodeSpec) -> Dict[str, Any]:
         "proxy": None if spec.proxy is None else copy.deepcopy(spec.proxy),
     })
     if spec.gate is not None:
-        out["gate"] = {"ready": _ready_to_dict(spec.gate.ready), "what": spec.gate.what,
-                       "explain": list(spec.gate.explain)}
+        out["gate"] = {"ready": None if spec.gate.ready is None
+                       else _ready_to_dict(spec.gate.ready), "what": spec.gate.what,
+                       "explain": list(spec.gate.explain), "check": list(spec.gate.check)}
     out.update(copy.deepcopy(spec.extra))
     return out
 

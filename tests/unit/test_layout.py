@@ -13,7 +13,7 @@ from pd_deploy import bundle
 REPO = Path(__file__).resolve().parents[2]
 NODE = REPO / "pd_launcher"
 STDLIB = set(sys.stdlib_module_names)
-EMULATOR_ONLY = {"aiohttp"}
+EMULATOR_ONLY = {"aiohttp", "redis"}  # redis: the FastDeploy personality (redis.asyncio)
 
 
 def _imports(path: Path) -> list[tuple[int, str]]:
