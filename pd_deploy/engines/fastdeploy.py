@@ -235,7 +235,7 @@ def redis_service(plan: ClusterPlan) -> Service:
     o = plan.options
     conf = redis_conf_path(plan)
     host = c.ip if c.bind in ("0.0.0.0", "::") else c.bind
-    check = [c.python, "-m", "pd_launcher.redis_nodes", "--config", conf,
+    check = [c.python, "-m", "pd_launcher.redis_nodes", "--config", conf, "--host", host,
              "--topic", topic(plan), "--expect", "prefill", "--expect", "decode"]
     return Service(
         name="redis", phase="before-engines",
