@@ -342,3 +342,36 @@ def test_bad_rdma_nics():
 def test_router_port_clashes_with_the_front_door():
     assert_error(small(pd_fastdeploy_router_port=7000), "c1", "pd_fastdeploy_router_port",
                  "also bound by c1/proxy")
+
+
+# ---------------------------------------------------------------- flag conformance
+
+
+@pytest.mark.parametrize("inputs", [
+    guide_inventory(),
+    mutate(guide_inventory(), pd_fastdeploy_scheduler="router"),
+    small("redis", pd_redis_password="pw", pd_devices_per_node=4, pd_tp=2),
+    small(pd_devices_per_node=4, pd_tp=1, pd_dp_mode="external"),
+], ids=["guide-redis", "guide-router", "redis-dp", "router-dp4"])
+def test_every_planned_flag_exists_and_parses(inputs):
+    from pd_deploy.engines.fastdeploy_flags import check_argv, table_for
+
+    specs = specs_of(inputs)
+    api = table_for("api_server", "2")
+    for by_unit in specs.values():
+        for unit, spec in by_unit.items():
+            for proc in spec["processes"]:
+                argv = proc["argv"]
+                if unit in ("P", "D"):
+                    start = argv.index("fastdeploy.entrypoints.openai.api_server") + 1
+                    assert check_argv(argv[start:], api) == [], proc["name"]
+                elif unit == "fd-router":
+                    assert check_argv(argv[1:], table_for("golang_router", "2")) == []
+
+
+def test_conformance_catches_removed_and_bad_flags():
+    from pd_deploy.engines.fastdeploy_flags import check_argv, table_for
+
+    errors = check_argv(["--innode-prefill-ports", "8182", "--splitwise-role", "both"],
+                        table_for("api_server", "2"))
+    assert any("removed" in e for e in errors) and any("both" in e for e in errors)
