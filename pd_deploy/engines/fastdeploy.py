@@ -219,6 +219,7 @@ def redis_conf(plan: ClusterPlan) -> str:
         f"port {o['redis_port']}",
         f"dir {dirs_for(c.base_dir, 'redis')['state']}",
         "daemonize no",
+        "set-proc-title no",  # keep the argv the launcher recorded (its PID checks)
         "protected-mode no",  # bound to the node's own address; requirepass when set
     ]
     if not o["redis_persistence"]:

@@ -1,6 +1,8 @@
 """`python -m pd_launcher.emulator serve MODEL [vllm serve flags]`,
 `python -m pd_launcher.emulator xllm [xllm gflags]`,
-`python -m pd_launcher.emulator xllm_master_serving [xllm-service gflags]`."""
+`python -m pd_launcher.emulator xllm_master_serving [xllm-service gflags]`,
+`python -m pd_launcher.emulator fastdeploy [FastDeploy api_server flags]`,
+`python -m pd_launcher.emulator fd-router --port P [--splitwise] [--config_path FILE]`."""
 from __future__ import annotations
 
 import asyncio
@@ -10,11 +12,14 @@ from typing import List, Optional
 USAGE = """usage: python -m pd_launcher.emulator serve MODEL [vllm serve flags]
        python -m pd_launcher.emulator xllm --model=PATH [xllm flags]
        python -m pd_launcher.emulator xllm_master_serving [xllm-service flags]
+       python -m pd_launcher.emulator fastdeploy --model M [FastDeploy api_server flags]
+       python -m pd_launcher.emulator fd-router --port P [--splitwise] [--config_path FILE]
 
 An engine emulator that stands in for `vllm serve` (same argv, same HTTP API, real
 KV hand-off between prefill and decode over TCP), for an xLLM device process and for
-xllm-service (gflags argv, a real etcd registry). See pd_launcher/emulator/README.md
-for the environment variables (PD_EMU_*).
+xllm-service (gflags argv, a real etcd registry), for a FastDeploy API server (router
+mode, or the Redis splitwise scheduler) and for FastDeploy's router. See
+pd_launcher/emulator/README.md for the environment variables (PD_EMU_*).
 """
 
 
@@ -31,6 +36,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         from .xllm.service import main as service_main
 
         return service_main(args[1:])
+    if args[0] == "fastdeploy":
+        from .fastdeploy.instance import main as fastdeploy_main
+
+        return fastdeploy_main(args[1:])
+    if args[0] == "fd-router":
+        from .fastdeploy.router import main as fd_router_main
+
+        return fd_router_main(args[1:])
     if args[0] != "serve":
         sys.stderr.write(f"unknown command {args[0]!r}\n{USAGE}")
         return 2
