@@ -209,3 +209,65 @@ def metric(samples: Dict[Tuple[str, Tuple], float], name: str, **labels: str) ->
         if n == name and all(dict(lv).get(k) == val for k, val in labels.items()):
             total += v
     return total
+
+
+class EmuProc:
+    """One `python -m pd_launcher.emulator <cmd> ARGV` process (a personality: xllm,
+    xllm_master_serving, fastdeploy, fd-router) with its own log, stopped by its PID.
+    Subclasses set `base_env` (added) and `drop_env` (removed from os.environ)."""
+
+    base_env: Dict[str, str] = {}
+    drop_env: Tuple[str, ...] = ()
+
+    def __init__(self, name: str, cmd: str, argv: List[str], logdir: Path,
+                 env: Optional[Dict[str, str]] = None) -> None:
+        self.name = name
+        self.argv = [sys.executable, "-m", "pd_launcher.emulator", cmd] + argv
+        self.log_path = logdir / f"{name}.log"
+        full = dict(os.environ, PYTHONPATH=str(ROOT))
+        for var in self.drop_env:
+            full.pop(var, None)
+        full.update(self.base_env)
+        full.update(env or {})
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(self.argv, stdout=self._log, stderr=subprocess.STDOUT,
+                                     cwd=str(ROOT), env=full)
+        self.host = ""
+        self.port = 0
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_log(self, pattern: str, timeout: float = 15.0) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            m = re.search(pattern, self.log())
+            if m:
+                return m.group(0)
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        m = re.search(pattern, self.log())
+        if m:
+            return m.group(0)
+        raise AssertionError(f"{self.name}: no {pattern!r} in log:\n{self.log()}")
+
+    def wait_exit(self, timeout: float = 10.0) -> int:
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"{self.name} did not exit:\n{self.log()}") from None
+
+    def signal(self, sig: int) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+
+    def stop(self) -> None:
+        """SIGTERM, then SIGKILL, of this process only."""
+        self.signal(signal.SIGTERM)
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+        self._log.close()

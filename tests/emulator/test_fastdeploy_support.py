@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
@@ -17,7 +15,7 @@ from typing import Any, Callable, Dict, List, Optional
 import pytest
 
 from pd_launcher.emulator import textgen
-from tests.emulator.helpers import ROOT, free_port, parse_metrics, request
+from tests.emulator.helpers import EmuProc, free_port, parse_metrics, request
 
 REDIS = shutil.which("redis-server") or "/usr/bin/redis-server"
 REDIS_MISSING = (None if os.path.exists(REDIS)
@@ -32,62 +30,16 @@ SLOW = {"PD_EMU_ZERO_LATENCY": "0", "PD_EMU_PREFILL_OVERHEAD_S": "0",
         "PD_EMU_PREFILL_S_PER_TOKEN": "0", "PD_EMU_ITL_S": "0.05"}
 
 
-class FDProc:
-    """One `python -m pd_launcher.emulator <cmd>` process."""
+class FDProc(EmuProc):
+    """One `python -m pd_launcher.emulator fastdeploy | fd-router` process."""
+
+    base_env = BASE_ENV
+    drop_env = ("FD_LOG_DIR", "CUDA_VISIBLE_DEVICES", "ENABLE_V1_KVCACHE_SCHEDULER")
 
     def __init__(self, name: str, cmd: str, argv: List[str], logdir: Path,
                  env: Optional[Dict[str, str]] = None) -> None:
-        self.name = name
-        self.argv = [sys.executable, "-m", "pd_launcher.emulator", cmd] + argv
-        self.log_path = logdir / f"{name}.log"
-        full = dict(os.environ, PYTHONPATH=str(ROOT))
-        for var in ("FD_LOG_DIR", "CUDA_VISIBLE_DEVICES", "ENABLE_V1_KVCACHE_SCHEDULER"):
-            full.pop(var, None)
-        full.update(BASE_ENV)
-        full.update(env or {})
-        self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(self.argv, stdout=self._log, stderr=subprocess.STDOUT,
-                                     cwd=str(ROOT), env=full)
-        self.host = ""
-        self.port = 0
+        super().__init__(name, cmd, argv, logdir, env)
         self.ports: Dict[str, Any] = {}
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def wait_log(self, pattern: str, timeout: float = 15.0) -> str:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            m = re.search(pattern, self.log())
-            if m:
-                return m.group(0)
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.05)
-        m = re.search(pattern, self.log())
-        if m:
-            return m.group(0)
-        raise AssertionError(f"{self.name}: no {pattern!r} in log:\n{self.log()}")
-
-    def wait_exit(self, timeout: float = 10.0) -> int:
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            raise AssertionError(f"{self.name} did not exit:\n{self.log()}") from None
-
-    def signal(self, sig: int) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-
-    def stop(self) -> None:
-        """SIGTERM, then SIGKILL, of this process only."""
-        self.signal(signal.SIGTERM)
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(5)
-        self._log.close()
 
     def get(self, path: str, port: Optional[int] = None) -> Any:
         status, _, data = request(self.host, port or self.port, "GET", path, timeout=5)

@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -20,7 +17,15 @@ import pytest
 from pd_launcher.emulator import textgen
 from pd_launcher.emulator.xllm.common import REQUIRED_FIELDS
 from pd_launcher.emulator.xllm.etcd import prefix_end
-from tests.emulator.helpers import ROOT, free_port, metric, parse_metrics, request, sse, sse_text
+from tests.emulator.helpers import (
+    EmuProc,
+    free_port,
+    metric,
+    parse_metrics,
+    request,
+    sse,
+    sse_text,
+)
 from tests.fixtures.etcd import ETCD_MISSING, running_etcd
 
 pytestmark = pytest.mark.skipif(ETCD_MISSING is not None, reason=str(ETCD_MISSING))
@@ -38,60 +43,16 @@ SLOW = {"PD_EMU_ZERO_LATENCY": "0", "PD_EMU_PREFILL_OVERHEAD_S": "0",
 # ------------------------------------------------------------------------ helpers
 
 
-class XProc:
-    """One `python -m pd_launcher.emulator <cmd>` process."""
+class XProc(EmuProc):
+    """One `python -m pd_launcher.emulator xllm | xllm_master_serving` process."""
+
+    base_env = {"PD_EMU_ZERO_LATENCY": "1"}
 
     def __init__(self, name: str, cmd: str, argv: List[str], logdir: Path,
                  env: Optional[Dict[str, str]] = None) -> None:
-        self.name = name
-        self.argv = [sys.executable, "-m", "pd_launcher.emulator", cmd] + argv
-        self.log_path = logdir / f"{name}.log"
-        full = dict(os.environ, PYTHONPATH=str(ROOT), PD_EMU_ZERO_LATENCY="1")
-        full.update(env or {})
-        self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(self.argv, stdout=self._log, stderr=subprocess.STDOUT,
-                                     cwd=str(ROOT), env=full)
-        self.host = ""
-        self.port = 0
+        super().__init__(name, cmd, argv, logdir, env)
         self.transfer_port = 0
         self.key = ""
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def wait_log(self, pattern: str, timeout: float = 15.0) -> str:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            m = re.search(pattern, self.log())
-            if m:
-                return m.group(0)
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.05)
-        m = re.search(pattern, self.log())
-        if m:
-            return m.group(0)
-        raise AssertionError(f"{self.name}: no {pattern!r} in log:\n{self.log()}")
-
-    def wait_exit(self, timeout: float = 10.0) -> int:
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            raise AssertionError(f"{self.name} did not exit:\n{self.log()}") from None
-
-    def signal(self, sig: int) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-
-    def stop(self) -> None:
-        """SIGTERM, then SIGKILL, of this process only."""
-        self.signal(signal.SIGTERM)
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(5)
-        self._log.close()
 
 
 def _factory(logdir: Path, started: List[XProc]) -> Callable[..., XProc]:

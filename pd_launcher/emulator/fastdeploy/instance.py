@@ -27,6 +27,7 @@ from aiohttp import web
 from redis.exceptions import RedisError
 
 from .. import kvnet, openai, textgen
+from ..endpoints import OpenAIEndpoints
 from ..kvconfig import StartupError
 from ..kvstore import BlockStore, KVError, build, layout
 from ..metrics import E2E_BUCKETS, KV_BUCKETS, TTFT_BUCKETS
@@ -251,7 +252,7 @@ def parse_args(argv: List[str], env: Optional[Dict[str, str]] = None) -> Instanc
         ignored=p.ignored, stray=p.stray)
 
 
-class Instance:
+class Instance(OpenAIEndpoints):
     def __init__(self, cfg: InstanceConfig, lat: Latency, faults: Faults,
                  timings: Timings) -> None:
         self.cfg, self.lat, self.faults, self.timings = cfg, lat, faults, timings
@@ -270,9 +271,7 @@ class Instance:
         self.registered = False
         self.running = 0
         self.load_tokens = 0
-        self.inflight = 0
-        self.idle = asyncio.Event()
-        self.idle.set()
+        self._init_inflight()
         self.answered = 0
         self.ports: Dict[str, int] = {}  # actual ports (after binding port 0)
         self.engine_id = ""
@@ -600,21 +599,6 @@ class Instance:
             {"id": self.cfg.served[0], "object": "model", "created": 0,
              "owned_by": "FastDeploy", "root": self.cfg.model, "parent": None,
              "max_model_len": self.cfg.max_model_len}]})
-
-    async def _completions(self, request: web.Request) -> web.StreamResponse:
-        return await self._generate(request, chat=False)
-
-    async def _chat(self, request: web.Request) -> web.StreamResponse:
-        return await self._generate(request, chat=True)
-
-    def _enter(self) -> None:
-        self.inflight += 1
-        self.idle.clear()
-
-    def _leave(self) -> None:
-        self.inflight -= 1
-        if self.inflight == 0:
-            self.idle.set()
 
     async def _generate(self, request: web.Request, chat: bool) -> web.StreamResponse:
         self._enter()

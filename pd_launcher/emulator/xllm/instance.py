@@ -27,6 +27,7 @@ import aiohttp
 from aiohttp import web
 
 from .. import kvnet, openai, textgen
+from ..endpoints import OpenAIEndpoints
 from ..kvconfig import StartupError
 from ..kvnet import KVServer
 from ..kvstore import BlockStore, KVError, build
@@ -385,7 +386,7 @@ class _Pending:
     timer: Optional[asyncio.TimerHandle] = None
 
 
-class Master(_Base):
+class Master(_Base, OpenAIEndpoints):
     """node_rank 0: the instance."""
 
     def __init__(self, cfg: InstanceConfig, lat: Latency, faults: Faults) -> None:
@@ -410,9 +411,7 @@ class Master(_Base):
         self.linked: Dict[str, str] = {}  # prefill name -> rpc address (LinkInstance)
         self.decode_rpc: Dict[str, str] = {}  # decode name -> rpc address (GetInstanceInfo)
         self.running = 0
-        self.inflight = 0
-        self.idle = asyncio.Event()
-        self.idle.set()
+        self._init_inflight()
         self.answered = 0
         self._instance_json: Dict[str, Any] = {}
         self._bg: set = set()
@@ -804,21 +803,6 @@ class Master(_Base):
                               "modelled by the emulator")
 
     # -- requests ----------------------------------------------------------------------
-    async def _completions(self, request: web.Request) -> web.StreamResponse:
-        return await self._generate(request, chat=False)
-
-    async def _chat(self, request: web.Request) -> web.StreamResponse:
-        return await self._generate(request, chat=True)
-
-    def _enter(self) -> None:
-        self.inflight += 1
-        self.idle.clear()
-
-    def _leave(self) -> None:
-        self.inflight -= 1
-        if self.inflight == 0:
-            self.idle.set()
-
     async def _generate(self, request: web.Request, chat: bool) -> web.StreamResponse:
         self._enter()
         try:

@@ -25,6 +25,7 @@ import aiohttp
 from aiohttp import web
 
 from .. import openai
+from ..endpoints import OpenAIEndpoints
 from ..kvconfig import StartupError
 from ..metrics import E2E_BUCKETS, TTFT_BUCKETS
 from ..openai import ApiError
@@ -200,7 +201,7 @@ class _Upstream(Exception):
         self.status, self.message = status, message
 
 
-class Service:
+class Service(OpenAIEndpoints):
     def __init__(self, cfg: ServiceConfig, lat: Latency) -> None:
         self.cfg, self.lat = cfg, lat
         self.name = f"{cfg.ip}:{cfg.rpc_port}"
@@ -220,9 +221,7 @@ class Service:
         self.http_server: Optional[asyncio.AbstractServer] = None
         self.http_sock: Optional[socket.socket] = None
         self.changed = asyncio.Event()
-        self.inflight = 0
-        self.idle = asyncio.Event()
-        self.idle.set()
+        self._init_inflight()
         m = self.metrics = Registry()
         self.m_instances = m.gauge("pd_emu:xservice_instances",
                                    "Registered (routable) instances, by type.", ("type",))
@@ -645,17 +644,10 @@ class Service:
             {"id": n, "object": "model", "created": 0, "owned_by": "xllm"}
             for n in self.served_names()]})
 
-    async def _completions(self, request: web.Request) -> web.StreamResponse:
-        return await self._generate(request, chat=False)
-
-    async def _chat(self, request: web.Request) -> web.StreamResponse:
-        return await self._generate(request, chat=True)
-
     async def _generate(self, request: web.Request, chat: bool) -> web.StreamResponse:
         srid = rid = uuid.uuid4().hex  # the response id is cmpl-<rid> / chatcmpl-<rid>
         out = Outcome()
-        self.inflight += 1
-        self.idle.clear()
+        self._enter()
         try:
             try:
                 resp = await self._generate_inner(request, chat, srid, rid, out)
@@ -664,9 +656,7 @@ class Service:
                 resp = error_response(exc.status, exc.message, rid)
         finally:
             self.requests.pop(srid, None)
-            self.inflight -= 1
-            if self.inflight == 0:
-                self.idle.set()
+            self._leave()
         status = out.status or resp.status
         self.m_requests.inc((str(status),))
         if status >= 500:
