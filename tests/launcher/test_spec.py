@@ -286,3 +286,20 @@ def test_front_door_spec_runs_in_other_directories(node, tmp_path, local_invento
     r = node.cli("stop", "--state-dir", str(state_dir))
     assert r.returncode == 0, r.stderr
     assert p.wait(20) == 0, node.output(p)
+
+
+def test_a_gate_needs_a_probe_or_a_check_and_round_trips():
+    from pd_launcher.launcher.spec import SpecError, parse_spec, spec_to_dict
+
+    base = {"schema": 1, "cluster": "c", "node": "n", "role": "C", "ip": "127.0.0.1",
+            "unit": "svc", "phase": "before-engines",
+            "processes": [{"name": "p", "argv": ["sleep", "1"]}]}
+    with pytest.raises(SpecError) as info:
+        parse_spec(dict(base, gate={"what": "nothing to wait for"}))
+    assert "gate: needs a ready probe, a check command or both" in str(info.value)
+    with pytest.raises(SpecError) as info:
+        parse_spec(dict(base, gate={"check": "not an argv"}))
+    assert "gate.check" in str(info.value)
+    spec = parse_spec(dict(base, gate={"check": ["true"], "what": "w"}))
+    assert spec.gate.ready is None and spec.gate.check == ["true"]
+    assert parse_spec(spec_to_dict(spec)) == spec

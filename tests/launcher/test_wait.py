@@ -221,3 +221,24 @@ def test_wait_gate_opens_after_the_processes_and_explains_a_timeout(node):
         assert r.stdout.startswith("ready: the test gate (tcp ")
     finally:
         listener.close()
+
+
+def test_wait_gate_with_a_check_command(node, tmp_path):
+    """A gate may be a command (e.g. a router's count of registered instances): open
+    when it exits 0; on timeout its own output says what is missing."""
+    flag = tmp_path / "open"
+    check = [PY, "-c", "import os, sys; ok = os.path.exists(sys.argv[1]); "
+             "print('present: decode' if ok else 'missing: decode'); sys.exit(0 if ok else 1)",
+             str(flag)]
+    spec = node.spec([{"name": "svc", "argv": ["sleep", "100"]}])
+    spec["unit"], spec["phase"] = "svc", "after-engines"
+    spec["gate"] = {"check": check, "what": "the router"}
+    spec_path = node.write_spec(spec)
+    node.start(spec_path)
+    r = node.cli("wait", str(spec_path), "--gate", "--timeout", "1.5", "--interval", "0.2")
+    assert r.returncode == 4, r.stdout + r.stderr
+    assert "check exited 1: missing: decode" in r.stderr
+    assert "  missing: decode" in r.stderr.split("what is missing:")[1]
+    flag.write_text("")
+    r = node.cli("wait", str(spec_path), "--gate", "--timeout", "10", "--interval", "0.2")
+    assert r.returncode == 0 and r.stdout.startswith("ready: the router (check passed)")

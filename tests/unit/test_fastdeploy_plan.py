@@ -375,3 +375,26 @@ def test_conformance_catches_removed_and_bad_flags():
     errors = check_argv(["--innode-prefill-ports", "8182", "--splitwise-role", "both"],
                         table_for("api_server", "2"))
     assert any("removed" in e for e in errors) and any("both" in e for e in errors)
+
+
+def test_internal_dp_on_one_node_is_refused():
+    assert_error(small(pd_dp_mode="internal", pd_devices_per_node=2), "p1", "pd_dp_mode",
+                 "use external")
+
+
+def test_ips_node_with_two_dp_ranks_is_refused():
+    groups, hostvars = small(pd_tp=2, pd_devices_per_node=4, pd_dp_mode="internal")
+    groups["P"].append("p2")
+    hostvars["p2"] = dict(hostvars["p1"], ansible_host="10.0.0.3", host_ip="10.0.0.1")
+    assert_error((groups, hostvars), "p1", "devices", "holds one DP rank")
+
+
+def test_redis_password_without_redis():
+    errors = errors_of(small("router", pd_redis_password="pw"))
+    assert any("pd_redis_password: is set but pd_fastdeploy_scheduler is router" in e
+               for e in errors), errors
+
+
+def test_rdma_comm_ports_that_are_not_ports():
+    assert_error(small(pd_fastdeploy_rdma_comm_ports="7671,x"), "p1",
+                 "pd_fastdeploy_rdma_comm_ports", "'x' is not a port")

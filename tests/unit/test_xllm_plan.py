@@ -411,3 +411,18 @@ def test_all_errors_at_once():
     errors = errors_of(mutate(inp, "d1", pd_model_path="/other"))
     fields = {e.split(": ")[1] for e in errors}
     assert {"pd_tp", "pd_xllm_lb_policy", "pd_model_path"} <= fields, errors
+
+
+def test_internal_dp_is_refused():
+    assert_error(mutate(two_host(), pd_dp_mode="internal"), "p1", "pd_dp_mode",
+                 "only 'external'")
+
+
+def test_unreadable_version():
+    assert_error(mutate(two_host(), pd_xllm_version="latest"), "p1", "pd_xllm_version",
+                 "cannot read version 'latest'")
+
+
+def test_device_ips_of_the_wrong_type():
+    assert_error(mutate(two_host(), "p2", device_ips={"0": "192.168.2.1"}), "p2",
+                 "device_ips", "must be a list or a comma-separated string")
