@@ -75,6 +75,10 @@ DEFAULTS: dict[str, Any] = {
     # router mode: active probe of the router. null: TCP connect (xllm-service and
     # KsanaLLM's simple_router have no /health); "/path": HTTP GET, 2xx = up
     "router_health_path": None,
+    # router mode: repair the router's stream with njs (pd_stream_fix.js): SSE content
+    # type, no bytes after "data: [DONE]" (KsanaLLM's "[DONE]\\0" trailer), 5xx bodies
+    # as OpenAI errors
+    "router_stream_fix": False,
 }
 
 MODES = ("pd", "router")
@@ -175,6 +179,8 @@ def options_of(proxy: dict) -> dict[str, Any]:
                                f"got {o['fallback']!r}")
     if not isinstance(o["active_health"], bool):
         raise ProxyConfigError("proxy.options.active_health: expected true/false")
+    if not isinstance(o["router_stream_fix"], bool):
+        raise ProxyConfigError("proxy.options.router_stream_fix: expected true/false")
     o["max_body_size"] = _size(o, "max_body_size")
     if o["prefill_response_buffer"] is None:
         # nginx allocates it when a prefill response arrives and only touches what
@@ -314,12 +320,14 @@ def proxy_unit(proxy: dict, dirs: dict, *, nginx_bin: str = "nginx",
     logd = dirs["log"].rstrip("/") or "/"
     conf_path = f"{run}/nginx.conf"
     js_path = f"{run}/pd_router.js"
+    fix_path = f"{run}/pd_stream_fix.js"
+    stream_fix = router and opts["router_stream_fix"]
     upstreams_path = f"{run}/pd_upstreams.conf"
     agent_cfg_path = f"{run}/proxy_agent.json"
     pid_path = f"{run}/nginx.pid"
     access_log = f"{logd}/proxy_access.log"
 
-    if router:
+    if router and not stream_fix:
         njs_module = ""        # plain proxying: no njs, nothing to load
     elif opts["njs_module"] is not None:
         njs_module = opts["njs_module"]
@@ -381,6 +389,8 @@ def proxy_unit(proxy: dict, dirs: dict, *, nginx_bin: str = "nginx",
                                     "pools": None}, separators=(",", ":")),
         "error_bodies": [(n, c, error_json(c, t, m)) for n, c, t, m in ERRORS],
         "router": router,
+        "stream_fix": stream_fix,
+        "fix_path": fix_path,
     }
     if router:
         ctx.update({
@@ -397,6 +407,8 @@ def proxy_unit(proxy: dict, dirs: dict, *, nginx_bin: str = "nginx",
     conf = env.get_template("nginx.conf.j2").render(**ctx)
     with open(os.path.join(TEMPLATES_DIR, "pd_router.js"), encoding="utf-8") as f:
         js = None if router else f.read()
+    with open(os.path.join(TEMPLATES_DIR, "pd_stream_fix.js"), encoding="utf-8") as f:
+        fix_js = f.read() if stream_fix else None
 
     secret = bool(opts["api_key"] or opts["engine_api_key"])
     agent_cfg = {
@@ -423,6 +435,7 @@ def proxy_unit(proxy: dict, dirs: dict, *, nginx_bin: str = "nginx",
         "files": [f for f in [
             {"path": conf_path, "content": conf, "mode": "0600" if secret else "0644"},
             {"path": js_path, "content": js, "mode": "0644"} if js is not None else None,
+            {"path": fix_path, "content": fix_js, "mode": "0644"} if fix_js else None,
             {"path": upstreams_path, "content": render_upstreams(pools), "mode": "0644"},
             {"path": agent_cfg_path, "content": json.dumps(agent_cfg, indent=1) + "\n",
              "mode": "0644"},
