@@ -102,8 +102,8 @@ def render_text(doc: dict[str, Any]) -> str:
     for inst in doc["instances"]:
         lines.append(f"# instance {inst['name']} ({inst['role']}): DP{inst['dp_size']} x "
                      f"TP{inst['tp']}, {inst['dp_mode']} DP, master {inst['master']} "
-                     f"({inst['master_ip']}), hosts {', '.join(inst['hosts'])}, "
-                     f"kv_port {inst['kv_port']}")
+                     f"({inst['master_ip']}), hosts {', '.join(inst['hosts'])}"
+                     + (f", kv_port {inst['kv_port']}" if inst["kv_port"] else ""))
     p = doc["proxy"]
     door = doc.get("front_door") or {"mode": "pd"}
     if door["mode"] == "pd":

@@ -70,10 +70,10 @@ CORE: tuple[Variable, ...] = (
     _v("pd_cluster_name", "pd", "cluster", "Name of the deployment; container label "
        "pd.cluster."),
     _v("pd_engine", "vllm-ascend", "instance", "Which engine runs the instances; one backend "
-       "per cluster (docs/engines.md): vllm-ascend | vllm | xllm | fastdeploy | emulator."),
+       "per cluster (docs/engines.md): vllm-ascend | vllm | xllm | fastdeploy | ksana | emulator."),
     _v("pd_emulate", "vllm", "instance", "With pd_engine=emulator: the engine the emulator "
-       "stands in for (vllm | vllm-ascend | xllm | fastdeploy); it gets exactly that engine's "
-       "argv and env, and its backend's services."),
+       "stands in for (vllm | vllm-ascend | xllm | fastdeploy | ksana); it gets exactly "
+       "that engine's argv and env, and its backend's services."),
     _v("pd_model_path", None, "instance", "Model directory on the nodes (required)."),
     _v("pd_served_model_name", None, "instance", "--served-model-name. Default: the basename "
        "of pd_model_path."),

@@ -149,6 +149,8 @@ def proxy_block(plan: ClusterPlan, proxy: ProxyHost) -> dict[str, Any]:
     block["options"] = dict(plan.proxy_options, admin_port=proxy.admin_port)
     if door.mode == "router" and door.health_path:
         block["options"]["router_health_path"] = door.health_path
+    if door.mode == "router" and door.stream_fix:
+        block["options"]["router_stream_fix"] = True
     return block
 
 

@@ -19,6 +19,7 @@ BACKENDS: tuple[str, ...] = (
     "pd_deploy.engines.vllm:VllmBackend",
     "pd_deploy.engines.xllm:XllmBackend",
     "pd_deploy.engines.fastdeploy:FastDeployBackend",
+    "pd_deploy.engines.ksana:KsanaBackend",
 )
 
 #: pd_engine value of the engine emulator; pd_emulate names the engine it stands in

@@ -68,6 +68,9 @@ class FrontDoor:
     #: router mode: HTTP path nginx's agent probes on each router (2xx = up); None
     #: probes with a TCP connect (xllm-service and simple_router have no /health)
     health_path: str | None = None
+    #: router mode: nginx repairs the router's stream (proxy option router_stream_fix:
+    #: SSE content type, nothing after "data: [DONE]", 5xx bodies as OpenAI errors)
+    stream_fix: bool = False
 
 
 class Backend:

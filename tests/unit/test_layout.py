@@ -13,7 +13,8 @@ from pd_deploy import bundle
 REPO = Path(__file__).resolve().parents[2]
 NODE = REPO / "pd_launcher"
 STDLIB = set(sys.stdlib_module_names)
-EMULATOR_ONLY = {"aiohttp", "redis"}  # redis: the FastDeploy personality (redis.asyncio)
+EMULATOR_ONLY = {"aiohttp", "redis", "yaml"}  # redis: the FastDeploy personality (redis.asyncio);
+# yaml: the KsanaLLM personality reads its rendered config as the engine does
 
 
 def _imports(path: Path) -> list[tuple[int, str]]:
