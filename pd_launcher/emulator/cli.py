@@ -2,7 +2,9 @@
 `python -m pd_launcher.emulator xllm [xllm gflags]`,
 `python -m pd_launcher.emulator xllm_master_serving [xllm-service gflags]`,
 `python -m pd_launcher.emulator fastdeploy [FastDeploy api_server flags]`,
-`python -m pd_launcher.emulator fd-router --port P [--splitwise] [--config_path FILE]`."""
+`python -m pd_launcher.emulator fd-router --port P [--splitwise] [--config_path FILE]`,
+`python -m pd_launcher.emulator ksana --config_file YAML --port P --host H`,
+`python -m pd_launcher.emulator ksana-router [--host H] [--port P] [--config INI]`."""
 from __future__ import annotations
 
 import asyncio
@@ -14,11 +16,16 @@ USAGE = """usage: python -m pd_launcher.emulator serve MODEL [vllm serve flags]
        python -m pd_launcher.emulator xllm_master_serving [xllm-service flags]
        python -m pd_launcher.emulator fastdeploy --model M [FastDeploy api_server flags]
        python -m pd_launcher.emulator fd-router --port P [--splitwise] [--config_path FILE]
+       python -m pd_launcher.emulator ksana --config_file YAML --port P --host H
+       python -m pd_launcher.emulator ksana-router [--host H] [--port P] [--workers N]
+                                                  [--config INI]
 
 An engine emulator that stands in for `vllm serve` (same argv, same HTTP API, real
 KV hand-off between prefill and decode over TCP), for an xLLM device process and for
 xllm-service (gflags argv, a real etcd registry), for a FastDeploy API server (router
-mode, or the Redis splitwise scheduler) and for FastDeploy's router. See
+mode, or the Redis splitwise scheduler) and for FastDeploy's router, for a KsanaLLM
+node (serving_server.py's argv and YAML, registering with simple_router) and for
+simple_router itself. See
 pd_launcher/emulator/README.md for the environment variables (PD_EMU_*).
 """
 
@@ -44,6 +51,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         from .fastdeploy.router import main as fd_router_main
 
         return fd_router_main(args[1:])
+    if args[0] == "ksana":
+        from .ksana.node import main as ksana_main
+
+        return ksana_main(args[1:])
+    if args[0] == "ksana-router":
+        from .ksana.router import main as ksana_router_main
+
+        return ksana_router_main(args[1:])
     if args[0] != "serve":
         sys.stderr.write(f"unknown command {args[0]!r}\n{USAGE}")
         return 2
