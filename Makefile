@@ -3,11 +3,12 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 VLLM_VENV ?= .venv-vllm
+KSANA_ROUTER_VENV ?= .venv-ksana-router
 BIN := $(VENV)/bin
 INVENTORY ?= inventories/local/inventory.yml
 PYTEST_ARGS ?=
 
-.PHONY: demo demo-status demo-clean test lint unit venv deps vllm-venv plan
+.PHONY: demo demo-status demo-clean test lint unit venv deps vllm-venv ksana-router-venv plan
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +22,13 @@ deps:
 
 vllm-venv:
 	.ci/install-vllm.sh $(VLLM_VENV)
+
+## A Python for KsanaLLM's simple_router (its requirements, from PyPI; the router itself
+## comes from a KsanaLLM tree: PD_KSANA_HOME, pd_ksana_home).
+ksana-router-venv:
+	$(PYTHON) -m venv $(KSANA_ROUTER_VENV)
+	$(KSANA_ROUTER_VENV)/bin/pip install -q fastapi==0.165.0 uvicorn==0.54.0 \
+		sqlalchemy==2.1.9 httpx==0.28.1 pydantic==2.14.4
 
 ## The local emulated cluster: deploy, one streaming request through the proxy, how to reach it.
 demo: venv
