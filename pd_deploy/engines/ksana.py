@@ -14,13 +14,15 @@ engines-facts.md section 2; the guide: KsanaLLM docs/pd_separation_startup.md).
   (pipeline parallel) adds WORLD_SIZE/NODE_RANK/MASTER_HOST/MASTER_PORT (MASTER_PORT is
   pd_dp_rpc_port, bound by rank 0). Only rank 0 serves HTTP and registers as the
   group's inference_addr.
-* Router, after the engines (nodes retry their registration until it answers):
+* Router, BEFORE the engines: a KsanaLLM node registers once, at start-up
+  (DefaultCoordinator::Initialize: RegisterNode, and only on success the heartbeat
+  thread), and never retries, so a node started before its router is never paired.
   simple_router's main.py started through `python -m pd_launcher.ksana_router`, which
   loads our config.ini before main is imported, so cluster_name, log_dir, sqlite_path
   and heartbeat_timeout_seconds take effect in every worker (main.py's own start-up
   drops --config in workers and never applies the timeout: facts §2.2). Ready: GET
-  /openapi.json (it has no /health). Gate: an active prefill/decode pair in its sqlite
-  DB (`pd_launcher.ksana_pairs`).
+  /openapi.json (it has no /health). Gate, waited for after the engines: an active
+  prefill/decode pair in its sqlite DB (`pd_launcher.ksana_pairs`).
 * Front door: nginx before the router with router_stream_fix (text/event-stream, no
   "[DONE]\\0" trailer after "data: [DONE]", 5xx as OpenAI errors).
 * Emulation (pd_engine emulator, pd_emulate ksana): the nodes are the emulator's ksana
@@ -277,7 +279,8 @@ def router_service(plan: ClusterPlan) -> Service:
     tool = [c.python, "-m", "pd_launcher.ksana_pairs", "--db", paths["db"],
             "--cluster", plan.cluster]
     return Service(
-        name=ROUTER_UNIT, phase="after-engines",
+        # before the engines: a node registers once at start-up and never retries
+        name=ROUTER_UNIT, phase="before-engines",
         processes=[Process(
             name="simple_router", argv=argv,
             env={"PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION": "python"},
@@ -377,7 +380,9 @@ class KsanaBackend(Backend):
         Variable("pd_ksana_heartbeat_interval_ms", 2000, "cluster", "connector."
                  "heartbeat_interval_ms of every node (the guide's 2000)."),
         Variable("pd_ksana_communication_type", "nccl", "cluster", "connector."
-                 "communication_type: nccl | zmq | tcp (KV data channel)."),
+                 "communication_type (KV data channel). Only nccl links through "
+                 "simple_router (zmq and tcp are refused: they never register the pair's "
+                 "id, so the router never hands out its addresses)."),
         Variable("pd_ksana_coordinator_port", None, "instance", "Port of every node's "
                  "connector.coordinator_addr (ZMQ, bound on the node's own IP). Default: "
                  "the guide's 13569 on prefill, 13571 on decode instances."),
@@ -437,7 +442,13 @@ class KsanaBackend(Backend):
         if plan.engine_api_key:
             first_r.fail("pd_engine_api_key", "KsanaLLM's serving_server and simple_router "
                          "take no API key; protect the front door with pd_proxy_api_key")
+        if o["communication_type"] != "nccl":
+            first_r.fail("pd_ksana_communication_type", f"{o['communication_type']} never "
+                         "links through simple_router: the router hands out a pair's "
+                         "addresses only once prefill rank 0 registered an NCCL id "
+                         "(/RegisterCommId), which only the nccl channel does; use nccl")
         first = plan.instances[0] if plan.instances else None
+        self._world_sizes(plan, readers)
         for inst in plan.instances:
             r = readers[inst.master]
             if first is not None and inst.model_path != first.model_path:
@@ -454,6 +465,20 @@ class KsanaBackend(Backend):
             for host in inst.hosts:
                 self._host_rules(plan, inst, host, readers[host])
             self._base_against_plan(plan, inst, r)
+
+    @staticmethod
+    def _world_sizes(plan: ClusterPlan, readers: Mapping[str, Reader]) -> None:
+        """KsanaLLM links a prefill and a decode group only when both have the same world
+        size (tensor_para_size x nodes): the link expects 2 x world_size addresses."""
+        prefill = [i for i in plan.instances if i.role == "P"]
+        for d in (i for i in plan.instances if i.role == "D"):
+            for p in prefill:
+                dw, pw = d.tp * len(d.hosts), p.tp * len(p.hosts)
+                if dw != pw:
+                    readers[d.master].fail("pd_tp", f"decode {d.name} has world size {dw} "
+                                           f"(tp {d.tp} x {len(d.hosts)} hosts) but prefill "
+                                           f"{p.name} has {pw}: KsanaLLM links a prefill and "
+                                           "a decode group only with equal world sizes")
 
     def _host_rules(self, plan: ClusterPlan, inst: Instance, host: str, r: Reader) -> None:
         node = plan.nodes[host]

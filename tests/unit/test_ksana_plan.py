@@ -174,7 +174,7 @@ def test_the_guides_decode_example_binds_the_prefills_ip():
 def test_guide_router_service():
     specs = specs_of(guide())
     router = specs["router"]["ksana-router"]
-    assert router["phase"] == "after-engines"
+    assert router["phase"] == "before-engines"  # a node registers once, at start-up
     (proc,) = router["processes"]
     guide_argv = shlex.split(GUIDE_ROUTER)
     assert proc["argv"][:4] == ["python", "-m", "pd_launcher.ksana_router",
@@ -196,7 +196,7 @@ def test_guide_router_service():
     assert ini["database"]["sqlite_path"] in gate["check"]
     doc = plan_document(*guide())
     assert doc["front_door"]["router"] == ["192.168.1.100:9080"]
-    assert doc["units"]["router"] == {"ksana-router": "after-engines", "C": "front-door"}
+    assert doc["units"]["router"] == {"ksana-router": "before-engines", "C": "front-door"}
     assert "ksana-router" in render_text(doc)
 
 
@@ -218,11 +218,11 @@ def test_default_binds_the_nodes_own_ip():
 
 
 def test_settings_reach_the_yaml_and_the_ini():
-    specs = specs_of(small(pd_ksana_communication_type="zmq", pd_ksana_router_port=9999,
+    specs = specs_of(small(pd_ksana_router_port=9999,
                            pd_ksana_heartbeat_interval_ms=500, pd_ksana_heartbeat_timeout=7,
                            pd_ksana_router_workers=2))
     conn = node_yaml(specs["d1"]["D"])["setting"]["connector"]
-    assert conn["communication_type"] == "zmq" and conn["heartbeat_interval_ms"] == 500
+    assert conn["communication_type"] == "nccl" and conn["heartbeat_interval_ms"] == 500
     assert conn["router_addr"] == "10.0.0.9:9999"
     router = specs["c1"]["ksana-router"]
     assert "heartbeat_timeout_seconds = 7" in router["files"][0]["content"]
@@ -265,7 +265,9 @@ def test_multi_host_group():
               "pd_dp_mode": "internal", "pd_dp_rpc_port": 29500}
     hostvars = {"p1a": dict(common, ansible_host="10.0.0.1"),
                 "p1b": dict(common, ansible_host="10.0.0.2", host_ip="10.0.0.1"),
-                "d1": dict(common, ansible_host="10.0.0.3"),
+                # the same world size (16) as the prefill group: 16 GPUs in one node
+                "d1": dict(common, ansible_host="10.0.0.3", pd_tp=16, pd_devices_per_node=16,
+                           pd_dp_mode="external"),
                 "c1": dict(common, ansible_host="10.0.0.9")}
     specs = specs_of((groups, hostvars))
     a, b = specs["p1a"]["P"], specs["p1b"]["P"]
@@ -452,6 +454,17 @@ def test_bad_communication_type_and_workers():
     errors = errors_of(small(pd_ksana_communication_type="rdma", pd_ksana_router_workers=0))
     assert any(e.startswith("p1: pd_ksana_communication_type:") for e in errors), errors
     assert any(e.startswith("p1: pd_ksana_router_workers:") for e in errors), errors
+
+
+@pytest.mark.parametrize("kind", ["zmq", "tcp"])
+def test_channels_that_never_link_through_simple_router(kind):
+    assert_error(small(pd_ksana_communication_type=kind), "p1", "pd_ksana_communication_type",
+                 "/RegisterCommId")
+
+
+def test_prefill_and_decode_world_sizes_must_match():
+    inp = mutate(small(), "d1", pd_tp=1, devices="0")
+    assert_error(inp, "d1", "pd_tp", "equal world sizes")
 
 
 def test_engine_api_key_refused():
