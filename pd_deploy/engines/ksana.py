@@ -276,8 +276,12 @@ def router_service(plan: ClusterPlan) -> Service:
     argv = program + ["--host", c.bind, "--port", str(port), "--workers", str(o["workers"]),
                       "--config", paths["ini"]]
     host = router_host(plan)
+    # a node counts only with a recent heartbeat: the router marks nodes offline late
+    # (heartbeat_timeout_seconds, and only when some node heartbeats) and its database
+    # outlives router restarts
+    max_age = max(5, 3 * o["heartbeat_interval_ms"] // 1000)
     tool = [c.python, "-m", "pd_launcher.ksana_pairs", "--db", paths["db"],
-            "--cluster", plan.cluster]
+            "--cluster", plan.cluster, "--max-age", str(max_age)]
     return Service(
         # before the engines: a node registers once at start-up and never retries
         name=ROUTER_UNIT, phase="before-engines",
