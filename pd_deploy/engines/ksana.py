@@ -294,7 +294,9 @@ def router_service(plan: ClusterPlan) -> Service:
         files=[SpecFile(path=paths["ini"], content=router_ini(plan))],
         checks=checks,
         port_vars={port: "pd_ksana_router_port"},
-        gate=Gate(check=tool + ["--expect-pair"], explain=tool + ["--explain"],
+        gate=Gate(check=tool + ["--expect-pair"],
+                  # the tables, then what is missing (exit 1 while no pair can serve)
+                  explain=tool + ["--explain", "--expect-pair"],
                   what=f"an active prefill/decode pair at simple_router {host}:{port} "
                        "(comm_group_pair active with its NCCL id)"),
     )
