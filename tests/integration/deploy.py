@@ -218,3 +218,32 @@ def wait_until(pred, timeout: float = 20, interval: float = 0.3) -> bool:
             return True
         time.sleep(interval)
     return pred()
+
+
+def pid_alive(pid: int) -> bool:
+    """The process exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def stop_leftovers(cluster: Cluster) -> None:
+    """Stop whatever a failed cleanup left running (the launcher stops what it recorded)."""
+    for state in cluster.state_files():
+        subprocess.run([sys.executable, "-m", "pd_launcher", "stop", "--state-dir",
+                        str(state.parent)], cwd=REPO, capture_output=True, timeout=60)
+
+
+def assert_cleanup_spares(cluster: Cluster, decoy: subprocess.Popen,
+                          decoy_addrs: set[str]) -> None:
+    """cleanup.yml stops every process the launchers recorded and leaves no state and no
+    listening socket on the cluster's addresses, except the decoy's, which survives."""
+    ours = cluster.recorded_pids()
+    cluster.playbook("cleanup.yml")
+    assert cluster.state_files() == []
+    assert wait_until(lambda: set(cluster.listening()) <= decoy_addrs, 10), cluster.listening()
+    for pid in ours:
+        assert not pid_alive(pid), pid
+    assert decoy.poll() is None, "cleanup stopped a process it did not start"

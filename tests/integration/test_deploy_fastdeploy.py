@@ -25,10 +25,12 @@ import pytest
 from .deploy import (
     REPO,
     Cluster,
+    assert_cleanup_spares,
     exercise_proxy,
     make_cluster,
     recap,
     status_rows,
+    stop_leftovers,
     wait_until,
 )
 
@@ -51,11 +53,6 @@ def fd_cluster(root: Path, subnet: str, scheduler: str) -> Cluster:
         "pd_kv_port": 7671, "pd_ready_timeout": 60, "rdma_nics": "mlx5_0",
         **({"pd_redis_password": "pw-not-in-logs"} if scheduler == "redis" else {})})
 
-
-def stop_leftovers(cluster: Cluster) -> None:
-    for state in cluster.state_files():
-        subprocess.run([sys.executable, "-m", "pd_launcher", "stop", "--state-dir",
-                        str(state.parent)], cwd=REPO, capture_output=True, timeout=60)
 
 
 def start_decoy(scheduler: str, host: str, tmp: Path) -> tuple[subprocess.Popen, int]:
@@ -129,24 +126,10 @@ def test_fastdeploy_deploy_serve_status_fail_cleanup(tmp_path, scheduler, subnet
             assert "STALE" in status and "missing: decode" in status
             assert "pw-not-in-logs" not in status
 
-        ours = cluster.recorded_pids()
-        cluster.playbook("cleanup.yml")
-        assert cluster.state_files() == []
-        assert wait_until(lambda: set(cluster.listening()) <= {
-            f"{cluster.hosts['c1']}:{decoy_port}"}, 10), cluster.listening()
-        for pid in ours:
-            assert not _alive(pid), pid
-        assert decoy.poll() is None, "cleanup stopped a process it did not start"
+        assert_cleanup_spares(cluster, decoy, {f"{cluster.hosts['c1']}:{decoy_port}"})
     finally:
         cluster.playbook("cleanup.yml", check=False)
         stop_leftovers(cluster)
         decoy.terminate()
         decoy.wait(10)
 
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False

@@ -27,10 +27,12 @@ import pytest
 from .deploy import (
     REPO,
     Cluster,
+    assert_cleanup_spares,
     exercise_proxy,
     make_cluster,
     recap,
     status_rows,
+    stop_leftovers,
     wait_until,
 )
 
@@ -61,11 +63,6 @@ def ksana_cluster(root: Path, subnet: str, real_router: bool) -> Cluster:
     return make_cluster(root, subnet, layout=LAYOUT, extra_vars=extra,
                         host_vars={"p1": {"pd_api_port": 8067}, "d1": {"pd_api_port": 6890}})
 
-
-def stop_leftovers(cluster: Cluster) -> None:
-    for state in cluster.state_files():
-        subprocess.run([sys.executable, "-m", "pd_launcher", "stop", "--state-dir",
-                        str(state.parent)], cwd=REPO, capture_output=True, timeout=60)
 
 
 def start_decoy(host: str) -> tuple[subprocess.Popen, int]:
@@ -159,24 +156,10 @@ def test_ksana_deploy_serve_status_fail_cleanup(tmp_path, real_router, subnet):
         assert " no " in decode_row, decode_row  # offline at the router
         assert "not ready" in status, status
 
-        ours = cluster.recorded_pids()
-        cluster.playbook("cleanup.yml")
-        assert cluster.state_files() == []
-        assert wait_until(lambda: set(cluster.listening()) <= {
-            f"{cluster.hosts['c1']}:{decoy_port}"}, 10), cluster.listening()
-        for pid in ours:
-            assert not _alive(pid), pid
-        assert decoy.poll() is None, "cleanup stopped a process it did not start"
+        assert_cleanup_spares(cluster, decoy, {f"{cluster.hosts['c1']}:{decoy_port}"})
     finally:
         cluster.playbook("cleanup.yml", check=False)
         stop_leftovers(cluster)
         decoy.terminate()
         decoy.wait(10)
 
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False

@@ -12,14 +12,21 @@ import json
 import os
 import re
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from .deploy import REPO, Cluster, make_cluster, recap, status_rows, wait_until
+from .deploy import (
+    REPO,
+    Cluster,
+    make_cluster,
+    pid_alive,
+    recap,
+    status_rows,
+    stop_leftovers,
+    wait_until,
+)
 
 pytestmark = [
     pytest.mark.slow,
@@ -63,12 +70,6 @@ def engines_ready(cluster: Cluster) -> list[float]:
             out.append(time.mktime(time.strptime(day, "%Y-%m-%d %H:%M:%S")) + int(ms) / 1000)
     return out
 
-
-def stop_leftovers(cluster: Cluster) -> None:
-    """Stop whatever a failed cleanup left running (the launcher stops what it recorded)."""
-    for state in cluster.state_files():
-        subprocess.run([sys.executable, "-m", "pd_launcher", "stop", "--state-dir",
-                        str(state.parent)], cwd=REPO, capture_output=True, timeout=60)
 
 
 def unit_dirs(cluster: Cluster) -> list[Path]:
@@ -116,7 +117,7 @@ def test_services_start_in_phase_order_show_in_status_and_are_removed(tmp_path):
         assert not list(cluster.root.glob("nodes/*/lib"))
         assert wait_until(lambda: cluster.listening() == [], 10), cluster.listening()
         for pid in pids:
-            assert not _alive(pid), pid
+            assert not pid_alive(pid), pid
     finally:
         cluster.playbook("cleanup.yml", check=False)
         stop_leftovers(cluster)
@@ -139,10 +140,3 @@ def test_no_front_door_deploys_no_nginx(tmp_path):
         cluster.playbook("cleanup.yml", check=False)
         stop_leftovers(cluster)
 
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False

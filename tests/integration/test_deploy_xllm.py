@@ -15,8 +15,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -26,12 +24,13 @@ from pd_launcher.etcd_gateway import EtcdGateway
 from tests.fixtures.etcd import ETCD_MISSING, start_etcd
 
 from .deploy import (
-    REPO,
     Cluster,
     exercise_proxy,
     make_cluster,
+    pid_alive,
     recap,
     status_rows,
+    stop_leftovers,
     task_hosts,
     wait_until,
 )
@@ -77,11 +76,6 @@ def cluster_name() -> str:
 def p_key(cluster: Cluster, role: str = "PREFILL", host: str = "p1a") -> str:
     return f"/{cluster_name()}/XLLM:{role}:{cluster.hosts[host]}:7100"
 
-
-def stop_leftovers(cluster: Cluster) -> None:
-    for state in cluster.state_files():
-        subprocess.run([sys.executable, "-m", "pd_launcher", "stop", "--state-dir",
-                        str(state.parent)], cwd=REPO, capture_output=True, timeout=60)
 
 
 def test_xllm_deploy_serve_status_fail_cleanup(tmp_path):
@@ -144,7 +138,7 @@ def test_xllm_deploy_serve_status_fail_cleanup(tmp_path):
         assert wait_until(lambda: set(cluster.listening()) <= decoy_addr, 10), \
             cluster.listening()
         for pid in ours:
-            assert not _alive(pid), pid
+            assert not pid_alive(pid), pid
         assert decoy.proc.poll() is None, "cleanup stopped an etcd it did not start"
 
         second = cluster.playbook("site.yml")
@@ -155,10 +149,3 @@ def test_xllm_deploy_serve_status_fail_cleanup(tmp_path):
         stop_leftovers(cluster)
         decoy.stop()
 
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False

@@ -68,3 +68,28 @@ def kv_config(argv: list[str]) -> dict[str, Any]:
 
 def flag(argv: list[str], name: str) -> str | None:
     return argv[argv.index(name) + 1] if name in argv else None
+
+
+def specs_of(inp: tuple[dict, dict]) -> dict[str, dict[str, Any]]:
+    """Every unit's node spec (host -> unit -> spec) of a valid input."""
+    from pd_deploy.specs import node_specs
+    from pd_deploy.topology import build_plan
+
+    return node_specs(build_plan(*inp))
+
+
+def errors_of(inp: tuple[dict, dict]) -> list[str]:
+    """The planner's errors for an invalid input ("host: field: message")."""
+    import pytest
+
+    from pd_deploy.settings import PlanInvalid
+    from pd_deploy.topology import build_plan
+
+    with pytest.raises(PlanInvalid) as info:
+        build_plan(*inp)
+    return [str(e) for e in info.value.errors]
+
+
+def assert_error(inp: tuple[dict, dict], host: str, field: str, words: str) -> None:
+    errors = errors_of(inp)
+    assert any(e.startswith(f"{host}: {field}:") and words in e for e in errors), errors

@@ -9,10 +9,8 @@ from typing import Any
 import pytest
 
 from pd_deploy.cli import plan_document, public_document, render_text
-from pd_deploy.settings import PlanInvalid
-from pd_deploy.specs import node_specs
 from pd_deploy.topology import build_plan
-from tests.unit.planfix import mutate
+from tests.unit.planfix import assert_error, errors_of, mutate, specs_of
 
 # The FastDeploy PD guide (docs/zh/features/disaggregated.md), verbatim.
 GUIDE_PREFILL = """python -m fastdeploy.entrypoints.openai.api_server \\
@@ -109,20 +107,6 @@ def small(scheduler: str = "router", engine: str = "fastdeploy", **extra: Any
                 "c1": dict(common, ansible_host="10.0.0.9")}
     return groups, hostvars
 
-
-def specs_of(inp: tuple[dict, dict]) -> dict[str, dict[str, Any]]:
-    return node_specs(build_plan(*inp))
-
-
-def errors_of(inp: tuple[dict, dict]) -> list[str]:
-    with pytest.raises(PlanInvalid) as info:
-        build_plan(*inp)
-    return [str(e) for e in info.value.errors]
-
-
-def assert_error(inp: tuple[dict, dict], host: str, field: str, words: str) -> None:
-    errors = errors_of(inp)
-    assert any(e.startswith(f"{host}: {field}:") and words in e for e in errors), errors
 
 
 # ---------------------------------------------------------------- golden

@@ -19,10 +19,7 @@ from pd_deploy.engines.ksana_flags import (
     SERVING_FLAGS,
     unknown_flags,
 )
-from pd_deploy.settings import PlanInvalid
-from pd_deploy.specs import node_specs
-from pd_deploy.topology import build_plan
-from tests.unit.planfix import mutate
+from tests.unit.planfix import assert_error, errors_of, mutate, specs_of
 
 # The guide's commands (docs/pd_separation_startup.md §3), as typed from the tree's root.
 GUIDE_ROUTER = "python src/ksana_llm/python/simple_router/main.py --port 9080"
@@ -75,20 +72,6 @@ def small(**extra: Any) -> tuple[dict, dict]:
                 "c1": dict(common, ansible_host="10.0.0.9")}
     return groups, hostvars
 
-
-def specs_of(inp: tuple[dict, dict]) -> dict[str, dict[str, Any]]:
-    return node_specs(build_plan(*inp))
-
-
-def errors_of(inp: tuple[dict, dict]) -> list[str]:
-    with pytest.raises(PlanInvalid) as info:
-        build_plan(*inp)
-    return [str(e) for e in info.value.errors]
-
-
-def assert_error(inp: tuple[dict, dict], host: str, field: str, words: str) -> None:
-    errors = errors_of(inp)
-    assert any(e.startswith(f"{host}: {field}:") and words in e for e in errors), errors
 
 
 def node_yaml(spec: dict) -> dict:

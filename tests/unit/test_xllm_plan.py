@@ -9,10 +9,7 @@ from typing import Any
 import pytest
 
 from pd_deploy.engines.xllm_flags import check_argv, table_for, validators_for
-from pd_deploy.settings import PlanInvalid
-from pd_deploy.specs import node_specs
-from pd_deploy.topology import build_plan
-from tests.unit.planfix import DELETE, mutate
+from tests.unit.planfix import DELETE, assert_error, errors_of, mutate, specs_of
 
 # The xLLM PD guide (docs/zh/getting_started/disagg_pd.md, "PD分离运行"), verbatim
 # commands: etcd, xllm-service, then the prefill and decode instances on one host.
@@ -106,20 +103,6 @@ def two_host(engine: str = "xllm", **extra: Any) -> tuple[dict, dict]:
     }
     return groups, hostvars
 
-
-def specs_of(inp: tuple[dict, dict]) -> dict[str, dict[str, Any]]:
-    return node_specs(build_plan(*inp))
-
-
-def errors_of(inp: tuple[dict, dict]) -> list[str]:
-    with pytest.raises(PlanInvalid) as info:
-        build_plan(*inp)
-    return [str(e) for e in info.value.errors]
-
-
-def assert_error(inp: tuple[dict, dict], host: str, field: str, words: str) -> None:
-    errors = errors_of(inp)
-    assert any(e.startswith(f"{host}: {field}:") and words in e for e in errors), errors
 
 
 # ---------------------------------------------------------------- golden

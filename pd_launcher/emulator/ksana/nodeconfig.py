@@ -15,6 +15,9 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 from urllib.parse import urlsplit
 
+from ..settings import SettingsError
+from ..settings import _int as env_int
+
 PROG = "python -m pd_launcher.emulator ksana"
 DEFAULT_CONFIG = "examples/ksana_llm.yaml"
 #: the variables KsanaLLM's PD guide makes mandatory on every prefill and decode node
@@ -307,16 +310,10 @@ def _connector(data: Mapping[str, Any], path: str, env: Mapping[str, str],
 
 
 def _env_int(env: Mapping[str, str], name: str, default: int, minimum: int) -> int:
-    raw = env.get(name, "").strip()
-    if not raw:
-        return default
     try:
-        value = int(raw)
-    except ValueError:
-        raise ConfigError(f"{name}={raw!r} is not an integer") from None
-    if value < minimum:
-        raise ConfigError(f"{name}={raw!r} must be >= {minimum}")
-    return value
+        return env_int(env, name, default, minimum)
+    except SettingsError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _mandatory(env: Mapping[str, str], role: str) -> None:
