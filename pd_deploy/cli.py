@@ -1,5 +1,5 @@
-"""`pd-deploy plan -i INVENTORY [--format text|json] [--node HOST [--role R]]`
-(also `python -m pd_deploy plan ...`)."""
+"""`pd-deploy plan -i INVENTORY [--format text|json] [--node HOST [--role R]]` and
+`pd-deploy import omni-infer OMNI_INVENTORY -o DIR` (also `python -m pd_deploy ...`)."""
 from __future__ import annotations
 
 import argparse
@@ -182,9 +182,10 @@ def plan_main(argv: list[str]) -> int:
     return 0
 
 
-USAGE = """usage: pd-deploy {plan} ...   (or python -m pd_deploy)
+USAGE = """usage: pd-deploy {plan,import} ...   (or python -m pd_deploy)
 
   plan   -i INVENTORY [--format text|json] [--node HOST [--role R]] [-e KEY=VALUE]
+  import omni-infer OMNI_INVENTORY -o DIR [--playbook FILE] [--model-path PATH] [--force]
 
 Node-side commands run on the nodes: python -m pd_launcher {run,stop,wait}.
 """
@@ -197,5 +198,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if args else 2
     if args[0] == "plan":
         return plan_main(args[1:])
+    if args[0] == "import":
+        from pd_deploy.omni_import import import_main
+
+        return import_main(args[1:])
     sys.stderr.write(f"pd-deploy: unknown command {args[0]!r}\n{USAGE}")
     return 2
