@@ -12,7 +12,9 @@ import ipaddress
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
-DP_MODES = ("external", "internal")
+DP_MODES = ("external", "internal", "independent")
+#: DP modes in which every DP rank is its own process with its own API port
+PER_RANK_API_MODES = ("external", "independent")
 BALANCE_POLICIES = ("least_conn", "random_two_least_conn", "round_robin")
 
 
@@ -80,7 +82,8 @@ CORE: tuple[Variable, ...] = (
     _v("pd_tp", 1, "instance", "Tensor parallel size of every DP rank."),
     _v("pd_dp_mode", "external", "instance", "external: one process per DP rank, each with "
        "its own API port | internal: one process per node, master serves the API, other "
-       "nodes run --headless."),
+       "nodes run --headless | independent: one DP=1 engine per rank, no --data-parallel-* "
+       "flags (dense models; vLLM family only)."),
     _v("pd_devices_per_node", 8, "host", "Number of devices assumed when `devices` is not "
        "set."),
     _v("pd_api_port", 7100, "instance", "First API port on a node; DP rank j of a node uses "

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 from pd_deploy.settings import (
     BALANCE_POLICIES,
     DP_MODES,
+    PER_RANK_API_MODES,
     PlanError,
     PlanInvalid,
     Reader,
@@ -169,13 +170,14 @@ def _parse_devices(r: Reader) -> list[str] | None:
 
 
 def version_tuple(text: str) -> tuple[int, ...] | None:
-    parts = []
-    for piece in str(text).split(".")[:3]:
-        digits = "".join(ch for ch in piece if ch.isdigit())
-        if not digits:
-            return None
-        parts.append(int(digits))
-    return tuple(parts) if parts else None
+    """(major, minor[, patch]) of a release version "[v]X.Y[.Z][.postN]"; None for anything
+    else, pre-releases included ("0.23.0rc1" is not 0.23.1)."""
+    pieces = str(text).strip().removeprefix("v").split(".")
+    if len(pieces) == 4 and pieces[3].startswith("post") and pieces[3][4:].isdigit():
+        pieces = pieces[:3]
+    if not 2 <= len(pieces) <= 3 or not all(p.isdigit() for p in pieces):
+        return None
+    return tuple(int(p) for p in pieces)
 
 
 def _own_flag(arg: str, owned: tuple[str, ...]) -> str | None:
@@ -410,6 +412,10 @@ def _instance(
     engine = mr.text("pd_engine", engine_names())
     found = _engine_backend(mr)
     dp_mode = mr.text("pd_dp_mode", DP_MODES)
+    if dp_mode and found is not None and dp_mode not in found[1].dp_modes:
+        mr.fail("pd_dp_mode", f"{dp_mode!r} is not supported by the {found[1].title} backend "
+                f"(it plans {', '.join(found[1].dp_modes)})")
+        dp_mode = None
     tp = mr.integer("pd_tp", 1, 1024)
     model = mr.text("pd_model_path")
     if not model:
@@ -457,7 +463,7 @@ def _instance(
         master = m is members[0]
         ranks = []
         for j in range(local_n):
-            external = dp_mode == "external"
+            external = dp_mode in PER_RANK_API_MODES
             ranks.append(Rank(
                 rank=start + j,
                 local=j,

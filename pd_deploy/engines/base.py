@@ -89,6 +89,8 @@ class Backend:
     owned_flags: ClassVar[tuple[str, ...]] = ()
     #: instance-scope variables every node of an instance must share with its master
     instance_wide: ClassVar[tuple[str, ...]] = ()
+    #: pd_dp_mode values this backend can plan
+    dp_modes: ClassVar[tuple[str, ...]] = ("external", "internal")
 
     # ------------------------------------------------------------ reading
 

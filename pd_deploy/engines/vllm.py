@@ -13,7 +13,7 @@ import json
 from typing import Any, Mapping
 
 from pd_deploy.engines.base import Backend
-from pd_deploy.settings import Reader, Variable
+from pd_deploy.settings import PER_RANK_API_MODES, Reader, Variable
 from pd_deploy.specs import engine_spec_base
 from pd_deploy.topology import ClusterPlan, Instance, Node, Rank, version_tuple
 from pd_launcher.launcher.spec import Nic, NodeSpec, Port, Process, Ready
@@ -27,6 +27,52 @@ OWNED_FLAGS = (
     "--data-parallel-external-lb", "--data-parallel-hybrid-lb",
 )
 FLAVOURS = ("vllm", "vllm-ascend")
+#: vLLM releases planned for, per flavour: (major, minor) -> the pair that was checked
+#: (docs/vllm-versions.md). pd_vllm_version names the vLLM version of the image.
+SUPPORTED_VLLM = {
+    "vllm-ascend": {(0, 23): "vLLM 0.23.0 + vLLM-Ascend 0.23.0 / 0.23.0.post1"},
+    "vllm": {(0, 33): "vLLM 0.33.0"},
+}
+DEFAULT_VLLM = {"vllm-ascend": "0.23.0", "vllm": "0.33.0"}
+#: KV connectors whose prefill -> decode flow the front door drives, per flavour
+CONNECTORS = {
+    "vllm-ascend": ("MooncakeConnectorV1", "MooncakeHybridConnector"),
+    "vllm": ("NixlConnector",),
+}
+#: connectors an operator may know, and why they are not planned
+_POOL = "a KV pool / offload connector, not a prefill-to-decode transfer"
+REFUSED_CONNECTORS = {
+    "MooncakeLayerwiseConnector": "its decode is chosen first and the prefill pushes to it "
+    "layer by layer (a decode-first proxy with a metaserver URL); the front door sends "
+    "requests to a prefill first",
+    "LLMDataDistCMgrConnector": "no longer in vLLM-Ascend (0.23.0 registers only the "
+    "Mooncake connectors for prefill-to-decode transfer)",
+    "MooncakeConnector": "upstream vLLM's CUDA Mooncake connector; on Ascend it is "
+    "MooncakeConnectorV1",
+    "MultiConnector": "composite connectors are not planned",
+    **{name: _POOL for name in (
+        "MooncakeConnectorStoreV1", "AscendStoreConnector", "UCMConnector",
+        "LMCacheAscendConnector", "LMCacheConnectorV1", "SimpleCPUOffloadConnector",
+        "RecomputeCPUOffloadConnector", "OffloadingConnector")},
+}
+#: Mooncake connectors where only the producer listens (the decode pulls) and which read
+#: kv_connector_extra_config.prefill/decode (vLLM-Ascend 0.23.0 kv_p2p/)
+MOONCAKE_PULL = ("MooncakeConnectorV1", "MooncakeHybridConnector")
+#: pd_extra_args flags that change the DP/KV layout the planner computes
+LAYOUT_FLAGS = {
+    "--pipeline-parallel-size": "widens every rank's Mooncake port block (tp * pp) and "
+    "decode must run pp 1",
+    "-pp": "widens every rank's Mooncake port block (tp * pp) and decode must run pp 1",
+    "--prefill-context-parallel-size": "widens every rank's Mooncake port block (tp * pcp)",
+    "--nnodes": "multi-node tensor parallelism is not planned (use DP ranks of tp devices)",
+    "-n": "multi-node tensor parallelism is not planned (use DP ranks of tp devices)",
+    "--node-rank": "multi-node tensor parallelism is not planned",
+    "-r": "multi-node tensor parallelism is not planned",
+    "--data-parallel-backend": "the planner runs DP with vLLM's own multiprocessing backend",
+    "-dpb": "the planner runs DP with vLLM's own multiprocessing backend",
+    "--data-parallel-multi-port-external-lb": "the planner chooses the DP mode (pd_dp_mode)",
+    "-dpm": "the planner chooses the DP mode (pd_dp_mode)",
+}
 ASCEND_NIC_ENV = ["GLOO_SOCKET_IFNAME", "TP_SOCKET_IFNAME", "HCCL_SOCKET_IFNAME"]
 GPU_NIC_ENV = ["GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"]
 ASCEND_ENV = {
@@ -45,26 +91,38 @@ ASCEND_DEVICE_FILES = ["/dev/davinci_manager", "/dev/devmm_svm", "/dev/hisi_hdc"
 # ---------------------------------------------------------------- engines
 
 
-def kv_transfer_config(plan: ClusterPlan, inst: Instance) -> dict[str, Any]:
-    producer = inst.role == "P"
+def engine_dp(inst: Instance) -> int:
+    """--data-parallel-size of one engine process (independent ranks are DP=1 engines)."""
+    return 1 if inst.dp_mode == "independent" else inst.dp_size
+
+
+def _kv_shape(plan: ClusterPlan, role: str) -> dict[str, int]:
+    first = next(i for i in plan.instances if i.role == role)
+    return {"dp_size": engine_dp(first), "tp_size": first.tp}
+
+
+def kv_transfer_config(plan: ClusterPlan, inst: Instance,
+                       rank: Rank | None = None) -> dict[str, Any]:
+    """--kv-transfer-config of one process; `rank` is its DP rank (per-rank modes).
+
+    Only fields the release reads (vLLM-Ascend 0.23.0's tutorial and kv_p2p/ sources):
+    kv_rank/kv_parallel_size are never sent (vLLM >= 0.32 refuses them, vLLM-Ascend
+    never read them) and kv_buffer_device is left to the platform's default."""
+    independent = inst.dp_mode == "independent" and rank is not None
+    engine_id = f"{plan.cluster}-{inst.engine_id}"
+    if independent:
+        engine_id += f"-r{rank.rank}"  # DP=1 engines: vLLM adds no _dp<rank> suffix
     cfg: dict[str, Any] = {
         "kv_connector": inst.opts["connector"],
-        "kv_role": "kv_producer" if producer else "kv_consumer",
-        "engine_id": f"{plan.cluster}-{inst.engine_id}",
+        "kv_role": "kv_producer" if inst.role == "P" else "kv_consumer",
+        "engine_id": engine_id,
     }
     if inst.opts["flavour"] == "vllm-ascend":
-        cfg["kv_buffer_device"] = "npu"
-        cfg["kv_port"] = inst.kv_port
-        if inst.opts["connector"].startswith("Mooncake"):
-            p_dp, p_tp = plan.shape("P")
-            d_dp, d_tp = plan.shape("D")
+        # vLLM-Ascend adds data_parallel_rank * tp itself; a DP=1 engine is rank 0
+        cfg["kv_port"] = rank.kv_port if independent else inst.kv_port
+        if inst.opts["connector"] in MOONCAKE_PULL:
             cfg["kv_connector_extra_config"] = {
-                "prefill": {"dp_size": p_dp, "tp_size": p_tp},
-                "decode": {"dp_size": d_dp, "tp_size": d_tp},
-            }
-    if plan.options["vllm_version"] < (0, 32):
-        cfg["kv_rank"] = 0 if producer else 1
-        cfg["kv_parallel_size"] = 1
+                "prefill": _kv_shape(plan, "P"), "decode": _kv_shape(plan, "D")}
     return cfg
 
 
@@ -81,7 +139,7 @@ def _engine_argv(plan: ClusterPlan, inst: Instance, node: Node, rank: Rank | Non
         argv += ["--port", str(port)]
     argv += ["--served-model-name", inst.served_model_name,
              "--tensor-parallel-size", str(inst.tp)]
-    if inst.dp_size > 1:
+    if engine_dp(inst) > 1:
         argv += ["--data-parallel-size", str(inst.dp_size)]
         if rank is not None:
             argv += ["--data-parallel-rank", str(rank.rank)]
@@ -92,7 +150,7 @@ def _engine_argv(plan: ClusterPlan, inst: Instance, node: Node, rank: Rank | Non
         argv += ["--data-parallel-address", plan.nodes[inst.master].ip,
                  "--data-parallel-rpc-port", str(inst.dp_rpc_port)]
     argv += ["--kv-transfer-config",
-             json.dumps(kv_transfer_config(plan, inst), separators=(",", ":"))]
+             json.dumps(kv_transfer_config(plan, inst, rank), separators=(",", ":"))]
     if plan.engine_api_key and not headless:
         argv += ["--api-key", str(plan.engine_api_key)]
     return argv + inst.extra_args
@@ -110,7 +168,9 @@ def _engine_env(plan: ClusterPlan, inst: Instance, node: Node, ranks: list[Rank]
         env["CUDA_VISIBLE_DEVICES"] = devices
         if inst.opts["connector"] == "NixlConnector":
             env["VLLM_NIXL_SIDE_CHANNEL_HOST"] = node.ip
-            env["VLLM_NIXL_SIDE_CHANNEL_PORT"] = str(inst.kv_port)  # vLLM adds the DP rank
+            # vLLM adds the DP rank; a DP=1 engine (independent) is rank 0
+            port = ranks[0].kv_port if inst.dp_mode == "independent" else inst.kv_port
+            env["VLLM_NIXL_SIDE_CHANNEL_PORT"] = str(port)
     env["VLLM_HOST_IP"] = node.ip  # vLLM-Ascend's Mooncake advertises get_ip()
     env.update(inst.env)
     return env
@@ -121,8 +181,10 @@ def _ports(inst: Instance, node: Node, ranks: list[Rank], headless: bool) -> lis
     for rank in ranks:
         if rank.api_port is not None and not headless:
             ports.append(Port(host=node.bind, port=rank.api_port, use="api"))
-    if node.master and ranks[0].rank == 0 and inst.dp_size > 1:
+    if node.master and ranks[0].rank == 0 and engine_dp(inst) > 1:
         ports.append(Port(host=node.ip, port=inst.dp_rpc_port, use="dp_rpc"))
+    if not listens_on_kv(inst):
+        return ports
     use = "nixl" if inst.opts["connector"] == "NixlConnector" else "kv"
     # Mooncake: every tp worker of a rank has a port (the emulator binds the first);
     # NIXL: one side channel per engine
@@ -134,14 +196,28 @@ def _ports(inst: Instance, node: Node, ranks: list[Rank], headless: bool) -> lis
     return ports
 
 
+def listens_on_kv(inst: Instance) -> bool:
+    """Mooncake V1/Hybrid: only the producer binds its side channel, the decode pulls."""
+    return inst.role == "P" or inst.opts["connector"] not in MOONCAKE_PULL
+
+
+def _health_url(node: Node, port: int | None) -> str:
+    host = node.ip if node.bind in ("0.0.0.0", "::") else node.bind
+    return f"http://{host}:{port}/health"
+
+
 def _process(plan: ClusterPlan, inst: Instance, node: Node, ranks: list[Rank],
              rank: Rank | None, name: str) -> Process:
     headless = rank is None and not node.master
-    ready_host = node.ip if node.bind in ("0.0.0.0", "::") else node.bind
-    if headless:
+    if headless and listens_on_kv(inst):
         ready = Ready.tcp(node.ip, ranks[0].kv_port)
+    elif headless:
+        # binds nothing of its own: ready once the master, which waits for every DP
+        # engine (this node's included) before it serves, answers /health
+        master = plan.nodes[inst.master]
+        ready = Ready.http(_health_url(master, master.ranks[0].api_port))
     else:
-        ready = Ready.http(f"http://{ready_host}:{ranks[0].api_port}/health")
+        ready = Ready.http(_health_url(node, ranks[0].api_port))
     return Process(
         name=name,
         argv=_engine_argv(plan, inst, node, rank),
@@ -154,7 +230,7 @@ def _process(plan: ClusterPlan, inst: Instance, node: Node, ranks: list[Rank],
 
 def engine_spec(plan: ClusterPlan, node: Node) -> NodeSpec:
     inst = plan.instance(node.instance)
-    if inst.dp_mode == "external":
+    if inst.dp_mode in PER_RANK_API_MODES:
         processes = [_process(plan, inst, node, [r], r, f"engine-dp{r.rank}") for r in node.ranks]
     else:
         what = "engine" if node.master else "engine-headless"
@@ -184,22 +260,32 @@ class VllmBackend(Backend):
     emulates = FLAVOURS
     owned_flags = OWNED_FLAGS
     instance_wide = ("pd_connector",)
+    dp_modes = ("external", "internal", "independent")
     variables = (
-        Variable("pd_connector", None, "instance", "KV connector. Default MooncakeConnectorV1 "
-                 "(vllm-ascend), NixlConnector (vllm). Its KV ports: Mooncake base + rank * tp "
-                 "(+ tp worker), NIXL base + rank; defaults 36000 (Mooncake), 5600 (NIXL)."),
+        Variable("pd_connector", None, "instance", "KV connector: MooncakeConnectorV1 "
+                 "(vllm-ascend default) or MooncakeHybridConnector; NixlConnector (vllm). Its "
+                 "KV ports: Mooncake base + rank * tp (+ tp worker), NIXL base + rank; "
+                 "defaults 36000 (Mooncake), 5600 (NIXL)."),
         Variable("pd_model_is_mla", False, "cluster", "The model uses MLA: lifts the rule that "
                  "prefill tp must be a multiple of decode tp (Mooncake)."),
-        Variable("pd_vllm_version", "0.33.0", "cluster", "vLLM version of the image; decides "
-                 "version specific fields (kv_rank/kv_parallel_size only before 0.32)."),
+        Variable("pd_model_is_moe", True, "cluster", "The model is a mixture of experts. "
+                 "false (dense): vLLM refuses external DP for it, and on vLLM-Ascend every "
+                 "internal DP engine would bind the same Mooncake ports: use pd_dp_mode "
+                 "independent."),
+        Variable("pd_vllm_version", None, "cluster", "vLLM version in the image (a release, "
+                 "X.Y.Z[.postN]); decides version-specific fields. Planned: 0.23.x for "
+                 "vllm-ascend (default 0.23.0, with vLLM-Ascend 0.23.0/0.23.0.post1), 0.33.x "
+                 "for vllm (default 0.33.0); others are refused."),
     )
 
     def cluster_options(self, r: Reader) -> dict[str, Any]:
-        version = version_tuple(r.raw("pd_vllm_version"))
-        if version is None:
-            r.fail("pd_vllm_version", f"cannot read version {r.raw('pd_vllm_version')!r}")
-            version = (0, 33, 0)
-        return {"vllm_version": version}
+        raw = r.raw("pd_vllm_version")
+        version = None if raw is None else version_tuple(raw)
+        if raw is not None and version is None:
+            r.fail("pd_vllm_version", f"cannot read version {raw!r}: give a release "
+                   "X.Y.Z or X.Y.Z.postN (pre-releases are not planned)")
+        return {"vllm_version": version, "model_is_moe": r.boolean("pd_model_is_moe"),
+                "model_is_mla": r.boolean("pd_model_is_mla")}
 
     def instance_options(self, engine: str, r: Reader) -> dict[str, Any] | None:
         flavour: str | None = engine
@@ -207,8 +293,12 @@ class VllmBackend(Backend):
             flavour = r.text("pd_emulate", FLAVOURS)
         if flavour is None:
             return None
-        connector = r.text("pd_connector") or (
-            "NixlConnector" if flavour == "vllm" else "MooncakeConnectorV1")
+        connector = r.text("pd_connector") or CONNECTORS[flavour][0]
+        if connector not in CONNECTORS[flavour]:
+            why = REFUSED_CONNECTORS.get(connector, "not a connector pd-deploy plans")
+            r.fail("pd_connector", f"{connector!r} is not planned for {flavour}: {why}; use "
+                   f"{' or '.join(CONNECTORS[flavour])}")
+            return None
         return {"flavour": flavour, "connector": connector}
 
     def kv_port_base(self, inst: Instance) -> int | None:
@@ -220,12 +310,69 @@ class VllmBackend(Backend):
         # kv_port + r * tp (+ tp worker index), NIXL on kv_port + r (one per engine).
         return inst.tp if inst.opts["connector"].startswith("Mooncake") else 1
 
+    def uses_dp_rpc(self, inst: Instance) -> bool:
+        return engine_dp(inst) > 1
+
     def validate(self, plan: ClusterPlan, readers: Mapping[str, Reader]) -> None:
+        _check_versions(plan, readers)
+        _check_dense_dp(plan, readers)
+        _check_layout_flags(plan, readers)
         _check_mooncake_random_ports(plan, readers)
         _check_mooncake_shapes(plan, readers)
 
     def node_spec(self, plan: ClusterPlan, node: Node) -> NodeSpec:
         return engine_spec(plan, node)
+
+
+def vllm_version(plan: ClusterPlan, flavour: str) -> tuple[int, ...]:
+    """The planned vLLM version: pd_vllm_version, else the flavour's default."""
+    return plan.options["vllm_version"] or version_tuple(DEFAULT_VLLM[flavour]) or ()
+
+
+def _cluster_reader(readers: Mapping[str, Reader]) -> Reader:
+    return next(iter(readers.values()))  # cluster scope: read from the first host
+
+
+def _check_versions(plan: ClusterPlan, readers: Mapping[str, Reader]) -> None:
+    if plan.options["vllm_version"] is None:
+        return  # unset (each flavour's default) or unreadable (already an error)
+    for flavour in dict.fromkeys(i.opts["flavour"] for i in plan.instances):
+        version = vllm_version(plan, flavour)
+        if version[:2] not in SUPPORTED_VLLM[flavour]:
+            planned = "; ".join(f"{'.'.join(map(str, k))}.x ({v})"
+                                for k, v in SUPPORTED_VLLM[flavour].items())
+            _cluster_reader(readers).fail(
+                "pd_vllm_version",
+                f"vLLM {'.'.join(map(str, version))} is not planned for {flavour}: its flags "
+                f"and kv_transfer_config fields were checked only for {planned}")
+
+
+def _check_dense_dp(plan: ClusterPlan, readers: Mapping[str, Reader]) -> None:
+    if plan.options["model_is_moe"]:
+        return
+    for inst in plan.instances:
+        if inst.dp_size < 2:
+            continue
+        r = readers[inst.master]
+        if inst.dp_mode == "external":
+            r.fail("pd_dp_mode", f"instance {inst.name} runs {inst.dp_size} DP ranks with "
+                   "external DP, which vLLM refuses for a dense model (pd_model_is_moe: "
+                   "false) at start-up; use pd_dp_mode: independent")
+        elif (inst.dp_mode == "internal" and inst.opts["flavour"] == "vllm-ascend"
+              and inst.opts["connector"].startswith("Mooncake")):
+            r.fail("pd_dp_mode", f"instance {inst.name}: vLLM runs the {inst.dp_size} DP "
+                   "engines of a dense model as DP rank 0 each, so vLLM-Ascend's Mooncake "
+                   "binds the same KV ports in all of them (address in use); use pd_dp_mode: "
+                   "independent")
+
+
+def _check_layout_flags(plan: ClusterPlan, readers: Mapping[str, Reader]) -> None:
+    for inst in plan.instances:
+        for arg in inst.extra_args:
+            flag = arg.split("=", 1)[0]
+            if flag in LAYOUT_FLAGS:
+                readers[inst.master].fail(
+                    "pd_extra_args", f"{flag} is not planned: {LAYOUT_FLAGS[flag]}")
 
 
 def _check_mooncake_random_ports(plan: ClusterPlan, readers: Mapping[str, Reader]) -> None:
@@ -249,24 +396,32 @@ def _check_mooncake_random_ports(plan: ClusterPlan, readers: Mapping[str, Reader
 
 
 def _check_mooncake_shapes(plan: ClusterPlan, readers: Mapping[str, Reader]) -> None:
-    mooncake = [i for i in plan.instances if i.opts["connector"].startswith("Mooncake")]
+    mooncake = [i for i in plan.instances if i.opts["connector"] in MOONCAKE_PULL]
     for role in ("P", "D"):
         same = [i for i in mooncake if i.role == role]
         for inst in same[1:]:
-            if (inst.dp_size, inst.tp) != (same[0].dp_size, same[0].tp):
+            shape, first = (engine_dp(inst), inst.tp), (engine_dp(same[0]), same[0].tp)
+            if shape != first:
                 readers[inst.master].fail(
                     "pd_tp" if inst.tp != same[0].tp else "devices",
-                    f"{role} instance {inst.name} is DP{inst.dp_size}xTP{inst.tp} but "
-                    f"{same[0].name} is DP{same[0].dp_size}xTP{same[0].tp}; with "
+                    f"{role} instance {inst.name} runs DP{shape[0]}xTP{shape[1]} engines but "
+                    f"{same[0].name} DP{first[0]}xTP{first[1]}; with "
                     f"{inst.opts['connector']} every {role} instance must have the same shape "
                     "(kv_connector_extra_config)")
     prefill = [i for i in mooncake if i.role == "P"]
     decode = [i for i in mooncake if i.role == "D"]
-    cluster_r = next(iter(readers.values()))  # cluster scope: read from the first host
-    if prefill and decode and not cluster_r.boolean("pd_model_is_mla"):
-        p, d = prefill[0], decode[0]
-        if p.tp % d.tp:
-            readers[p.master].fail(
-                "pd_tp", f"prefill tp {p.tp} is not a multiple of decode tp {d.tp} (required by "
-                f"{p.opts['connector']} for non-MLA models; set pd_model_is_mla: true if it is "
-                "MLA)")
+    if not (prefill and decode):
+        return
+    p, d = prefill[0], decode[0]
+    connector = p.opts["connector"]
+    if p.tp < d.tp:
+        readers[p.master].fail(
+            "pd_tp", f"prefill tp {p.tp} is smaller than decode tp {d.tp}; {connector} "
+            "refuses that at start-up (MLA models too)")
+    elif p.tp % d.tp and (connector == "MooncakeHybridConnector"
+                          or not plan.options["model_is_mla"]):
+        why = ("for hybrid KV caches" if connector == "MooncakeHybridConnector" else
+               "for non-MLA models; set pd_model_is_mla: true if it is MLA")
+        readers[p.master].fail(
+            "pd_tp", f"prefill tp {p.tp} is not a multiple of decode tp {d.tp} (required by "
+            f"vLLM-Ascend {why})")

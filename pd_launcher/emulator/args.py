@@ -19,6 +19,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 from .kvconfig import (  # noqa: F401  (re-exported)
     DEFAULT_KV_PORT,
     DEFAULT_NIXL_PORT,
+    MOONCAKE_PULL,
     KVConfig,
     StartupError,
     check_mooncake,
@@ -299,6 +300,8 @@ def _derive(ns: argparse.Namespace, kv: Optional[KVConfig], env: Mapping[str, st
             except ValueError:
                 err(f"VLLM_NIXL_SIDE_CHANNEL_PORT={nixl_port!r} is not an integer")
             a.kv_ports = [base + r for r in a.ranks]
+        elif kv.role == "kv_consumer" and kv.connector in MOONCAKE_PULL:
+            a.kv_ports = []  # vLLM-Ascend: the decode pulls; only producers listen
         else:
             a.kv_ports = [kv.port + r * a.tp for r in a.ranks]
         if any(not 0 < p < 65536 for p in a.kv_ports):

@@ -16,6 +16,8 @@ KV_ROLES = ("kv_producer", "kv_consumer", "kv_both")
 KV_POLICIES = ("recompute", "fail")
 DEFAULT_KV_PORT = 14579
 DEFAULT_NIXL_PORT = 5600
+# vLLM-Ascend 0.23 kv_p2p: only the producer binds its side channel; the decode pulls
+MOONCAKE_PULL = ("MooncakeConnectorV1", "MooncakeHybridConnector")
 
 
 class StartupError(Exception):

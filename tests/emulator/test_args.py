@@ -51,13 +51,19 @@ def test_internal_dp_master_and_headless_ranks_and_ports():
     base = ["/m", "--data-parallel-size", "4", "--data-parallel-size-local", "2",
             "--data-parallel-address", "127.0.1.5", "--data-parallel-rpc-port", "1234",
             "--tensor-parallel-size", "2",
-            "--kv-transfer-config", kvcfg("kv_consumer", 36200, ddp=4, dtp=2)]
+            "--kv-transfer-config", kvcfg("kv_producer", 36200, pdp=4, ptp=2)]
     m = A.parse(base, env={})
     assert m.dp_mode == "internal" and m.ranks == [0, 1] and m.dp_master
     assert m.kv_ports == [36200, 36202]
     h = A.parse(base + ["--headless", "--data-parallel-start-rank", "2"], env={})
     assert h.ranks == [2, 3] and h.headless and not h.dp_master
     assert h.kv_ports == [36204, 36206] and h.kv_host == "127.0.1.5"  # kv_port + rank * tp
+    # a Mooncake V1/Hybrid consumer pulls from the producers and listens on nothing
+    for connector in ("MooncakeConnectorV1", "MooncakeHybridConnector"):
+        consumer = [a if a[0] != "{" else kvcfg("kv_consumer", 36200, ddp=4, dtp=2,
+                                                  connector=connector) for a in base]
+        assert A.parse(consumer + ["--headless", "--data-parallel-start-rank", "2"],
+                       env={}).kv_ports == []
     n = A.parse(base, env={"VLLM_NIXL_SIDE_CHANNEL_PORT": "5700",
                            "VLLM_NIXL_SIDE_CHANNEL_HOST": "127.0.1.9"})
     assert n.kv_ports == [5700, 5701] and n.kv_host == "127.0.1.9"  # NIXL: base + rank

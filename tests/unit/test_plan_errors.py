@@ -137,7 +137,8 @@ def test_unknown_variable_once_with_the_other_hosts():
 
 def test_role_knobs_and_backend_variables_are_declared():
     build_plan(*mutate(small(), pd_runtime="process", pd_ready_timeout=5, pd_image="x",
-                       pd_emulate="vllm", pd_vllm_version="0.33.0"))
+                       pd_emulate="vllm", pd_vllm_version="0.23.0",
+                       pd_model_is_moe=True))
 
 
 def test_all_errors_at_once_including_engine_rules():

@@ -28,7 +28,7 @@ def test_tutorial_prefill_rank_command_flag_for_flag():
         "--data-parallel-address", "10.0.0.2", "--data-parallel-rpc-port", "12321",
         "--kv-transfer-config", json.dumps({
             "kv_connector": "MooncakeConnectorV1", "kv_role": "kv_producer",
-            "engine_id": "t-P2", "kv_buffer_device": "npu", "kv_port": 36100,
+            "engine_id": "t-P2", "kv_port": 36100,
             "kv_connector_extra_config": EXTRA}, separators=(",", ":")),
         "--enable-expert-parallel", "--max-num-batched-tokens", "16384",
         "--max-num-seqs", "8", "--enforce-eager", "--no-enable-prefix-caching",
@@ -57,8 +57,11 @@ def test_tutorial_decode_second_node_rank_17():
     assert cfg["kv_connector_extra_config"] == EXTRA
     assert "kv_rank" not in cfg and "kv_parallel_size" not in cfg
     assert p["env"]["ASCEND_RT_VISIBLE_DEVICES"] == "1"
-    # vLLM-Ascend's Mooncake: kv_port + global DP rank * tp
-    assert {"host": "10.0.0.4", "port": 36217, "use": "kv"} in p["ports"]
+    # MooncakeConnectorV1: the decode pulls and binds no KV port (only producers listen,
+    # on kv_port + global DP rank * tp + tp worker)
+    assert [x for x in p["ports"] if x["use"] == "kv"] == []
+    prod = proc(specs, "p2", "P", "engine-dp1")
+    assert {"host": "10.0.0.2", "port": 36100 + 1 * 8 + 7, "use": "kv"} in prod["ports"]
     assert p["env"]["VLLM_HOST_IP"] == "10.0.0.4"
 
 
@@ -174,10 +177,13 @@ def test_emulator_gets_exactly_the_vllm_flags():
         assert emu[host][role]["checks"]["devices"] == []
 
 
-def test_old_vllm_keeps_kv_rank():
-    specs = node_specs(build_plan(*mutate(small(), pd_vllm_version="0.11.0")))
-    cfg = kv_config(specs["d1"]["D"]["processes"][0]["argv"])
-    assert cfg["kv_rank"] == 1 and cfg["kv_parallel_size"] == 1
+def test_kv_rank_and_buffer_device_are_never_sent():
+    # vLLM-Ascend 0.23 reads neither kv_rank/kv_parallel_size (vLLM >= 0.32 refuses them)
+    # nor kv_buffer_device (the platform's default, "npu", is used); its tutorial omits them
+    specs = node_specs(build_plan(*small()))
+    for host, role in (("p1", "P"), ("d1", "D")):
+        cfg = kv_config(specs[host][role]["processes"][0]["argv"])
+        assert not {"kv_rank", "kv_parallel_size", "kv_buffer_device"} & set(cfg)
 
 
 def test_api_key_goes_to_engines_not_headless():

@@ -74,10 +74,10 @@ def test_every_unit_of_every_inventory_round_trips(inventory):
     small("emulator", pd_emulate="vllm-ascend"),
     mutate(small(), pd_dp_mode="internal"),
     mutate(small("vllm"), pd_engine_api_key="s3cret", pd_proxy_api_key="k3y"),
-    mutate(small(), pd_vllm_version="0.11.0"),
+    mutate(small(), pd_dp_mode="independent", pd_model_is_moe=False),
     mutate(small("vllm"), nic="eth7"),
 ], ids=["tutorial", "ascend", "vllm", "emulator", "emulated-ascend", "internal-dp",
-        "api-keys", "vllm-0.11", "nic-name"])
+        "api-keys", "independent-dp", "nic-name"])
 def test_planner_inputs_round_trip(inputs):
     assert assert_planner_specs(inputs) >= 4
 
