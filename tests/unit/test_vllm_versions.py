@@ -189,3 +189,17 @@ def test_headless_decode_is_ready_when_its_master_serves():
     assert [x for x in headless["ports"] if x["use"] == "kv"] == []
     prefill = procs(specs_of(small(pd_dp_mode="internal")), "p1", "P")[0]
     assert [x["port"] for x in prefill["ports"] if x["use"] == "kv"] == [36000, 36001]
+
+
+def test_the_emulator_binds_what_independent_engines_bind():
+    from pd_launcher.emulator import args as emu
+
+    specs = specs_of(small("emulator", pd_emulate="vllm-ascend", pd_dp_mode="independent",
+                           **DENSE))
+    for host, role, want in (("p1", "P", [[36000], [36001]]), ("d1", "D", [[], []])):
+        got = []
+        for proc in procs(specs, host, role):
+            a = emu.parse(proc["argv"][4:], env=proc["env"])
+            assert a.dp_mode == "single" and a.ranks == [0]
+            got.append(a.kv_ports)
+        assert got == want
