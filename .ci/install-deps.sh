@@ -7,6 +7,10 @@ what=${1:-test}
 pkgs=(nginx libnginx-mod-http-js iproute2 procps curl etcd-server redis-server)
 if [ "$what" = test ]; then
   pkgs+=(openssh-server openssh-client podman runc catatonit debootstrap uidmap tar)
+  # docker.io (dockerd 20.10, its own containerd, tini as docker-init) and the
+  # distribution's registry: one test dockerd per emulated node and a loopback
+  # registry, started and stopped by the tests (.ci/setup-docker.sh), never as services
+  pkgs+=(docker.io docker-registry)
 fi
 missing=()
 for p in "${pkgs[@]}"; do

@@ -4,6 +4,7 @@ of plugins/filter/pd_container.py and the status table.
 * ``run_argv(spec, settings)``: the ``<cli> run`` command of one unit (flags, labels,
   mounts, devices), for docker and podman;
 * ``decide(inspect_output, wanted)``: keep, create or recreate a unit's container;
+* ``ps_argv(cli)``: the ``<cli> ps`` command whose output ``parse_ps`` reads, for both CLIs;
 * ``parse_ps(output)`` / ``parse_inspect(output)``: docker's and podman's JSON in one shape;
 * ``archive_info(path)``: the image ID and tags of a docker-archive tarball without
   loading it (the ``Config`` blob named in ``manifest.json``);
@@ -17,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tarfile
 from typing import Any, Iterable, Mapping
 
@@ -96,7 +98,7 @@ def is_unit_container(container: Mapping[str, Any], spec: Mapping[str, Any]) -> 
 
 
 def unit_containers(ps_text: Any, spec: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """The containers of one unit in ``<cli> ps -a --format json`` output."""
+    """The containers of one unit in ``ps_argv`` output."""
     return [c for c in parse_ps(ps_text) if is_unit_container(c, spec)]
 
 
@@ -211,6 +213,20 @@ def stop_timeout(spec: Mapping[str, Any]) -> int:
 
 # ------------------------------------------------------------------ CLI output
 
+# `<cli> ps --format`: a Go template both CLIs understand. podman prints one JSON list,
+# docker one JSON object per line. (The bare word `json` is a keyword only for podman
+# and docker >= 23; docker 20.10 prints the word "json" once per container.)
+PS_FORMAT = "{{json .}}"
+
+
+def ps_argv(cli: Any, filters: Any = None) -> list[str]:
+    """``<cli> [cli_args] ps --all --format '{{json .}}' [filters]``: every container,
+    running or not, in the JSON ``parse_ps`` reads. cli: the CLI and its global
+    arguments as a list; filters: e.g. ``label_filters(spec)``."""
+    return [*_str_list(cli, "cli"), "ps", "--all", "--format", PS_FORMAT,
+            *_str_list(filters, "filters")]
+
+
 
 def image_id(value: Any) -> str:
     """An image ID without the ``sha256:`` prefix docker shows ("" for none)."""
@@ -237,10 +253,22 @@ def _labels(value: Any) -> dict[str, str]:
     return {}
 
 
+_EXITED = re.compile(r"^Exited \((-?\d+)\)")
+
+
+def _exit_code(c: Mapping[str, Any]) -> int | None:
+    """podman: ExitCode; docker ps has none, its Status says "Exited (137) 2 minutes ago"."""
+    if isinstance(c.get("ExitCode"), int):
+        return c["ExitCode"]
+    m = _EXITED.match(str(c.get("Status") or ""))
+    return int(m.group(1)) if m else None
+
+
 def parse_ps(text: Any) -> list[dict[str, Any]]:
-    """``<cli> ps -a --format json``: podman prints one JSON list, docker one object per
-    line. Returns [{id, name, image, image_id, labels, state, status, started_at,
-    exit_code}] (started_at: epoch seconds or None)."""
+    """``ps_argv`` output: podman prints one JSON list, docker one object per line.
+    Returns [{id, name, image, image_id, labels, state, status, started_at,
+    exit_code}] (started_at: epoch seconds or None; docker's ps has no start time
+    and no image ID; its labels are one "k=v,k=v" string)."""
     out = []
     for c in _json_docs(text):
         names = c.get("Names")
@@ -255,7 +283,7 @@ def parse_ps(text: Any) -> list[dict[str, Any]]:
             "state": str(c.get("State") or "").lower(),
             "status": c.get("Status") or "",
             "started_at": started if isinstance(started, (int, float)) and started > 0 else None,
-            "exit_code": c.get("ExitCode"),
+            "exit_code": _exit_code(c),
         })
     return out
 

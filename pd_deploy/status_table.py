@@ -26,7 +26,8 @@ def _uptime(seconds: float | None) -> str:
 
 
 def _containers(report: Mapping[str, Any] | None) -> list[dict[str, Any]]:
-    """The host's containers from `<cli> ps -a --format json` (docker or podman)."""
+    """The host's containers from `<cli> ps --all --format '{{json .}}'` (docker or
+    podman; pd_deploy.containers.ps_argv)."""
     if not report or report.get("skipped") or not report.get("stdout"):
         return []
     return parse_ps(report["stdout"])

@@ -3,6 +3,7 @@ pd_deploy/containers.py, unit tests in tests/unit/test_containers.py).
 
     argv:   "{{ pd_unit_spec | pd_container_run_argv(settings) }}"
     plan:   "{{ inspect.stdout | pd_container_decide({'labels': ..., 'image_id': ...}) }}"
+    ps:     "{{ ([pd_container_cli] + pd_container_cli_args) | pd_container_ps_argv(filters) }}"
     list:   "{{ ps.stdout | pd_container_ps }}"
     unit's: "{{ ps.stdout | pd_container_unit_ps(pd_unit_spec) }}"  # exactly its containers
     image:  "{{ '/path/image.tar' | pd_image_archive }}"          # {id, tags}
@@ -39,6 +40,7 @@ FILTERS = {
     "pd_container_run_argv": containers.run_argv,
     "pd_container_run_sha256": containers.run_sha256,
     "pd_container_decide": containers.decide,
+    "pd_container_ps_argv": containers.ps_argv,
     "pd_container_ps": containers.parse_ps,
     "pd_container_unit_ps": containers.unit_containers,
     "pd_container_name": containers.container_name,

@@ -283,6 +283,20 @@ DOCKER_PS = "\n".join(json.dumps(x) for x in [
     {"ID": "1abc", "Names": "pd-t-d1-d", "Image": "reg/vllm:1", "Labels": "pd.role=D,pd.node=d1",
      "State": "running", "Status": "Up 5 minutes"},
 ])
+# `docker ps --all --format '{{json .}}'` of docker.io 20.10.24 (Debian 12), verbatim
+# but for the command: one object per line, labels as one string, no ExitCode, no
+# StartedAt, no ImageID, a short ID
+DOCKER_20_PS = (
+    '{"Command":"\\"python3 -m pd_laun…\\"","CreatedAt":"2026-12-04 05:04:02 +0000 UTC",'
+    '"ID":"16001412687b","Image":"localhost/pd-test:bookworm","Labels":"pd.cluster=t40,'
+    'pd.node=d1,pd.role=D,pd.test-image=bookworm","LocalVolumes":"0","Mounts":"/tmp/dk1",'
+    '"Names":"pd-t40-d1-d","Networks":"host","Ports":"","RunningFor":"About a minute ago",'
+    '"Size":"0B (virtual 129MB)","State":"exited","Status":"Exited (137) 1 second ago"}\n'
+    '{"Command":"\\"python3 -m pd_laun…\\"","CreatedAt":"2026-12-04 05:05:19 +0000 UTC",'
+    '"ID":"adb463992b22","Image":"127.0.41.1:5000/pd-test:1","Labels":"pd.cluster=t40,'
+    'pd.node=d1,pd.role=C","LocalVolumes":"0","Mounts":"","Names":"pd-t40-d1-c",'
+    '"Networks":"host","Ports":"","RunningFor":"19 seconds ago","Size":"0B (virtual 129MB)",'
+    '"State":"running","Status":"Up Less than a second"}\n')
 
 
 def test_parse_ps_podman_and_docker():
@@ -295,6 +309,33 @@ def test_parse_ps_podman_and_docker():
                   "labels": {"pd.role": "D", "pd.node": "d1"}, "state": "running",
                   "status": "Up 5 minutes", "started_at": None, "exit_code": None}]
     assert c.parse_ps("") == [] and c.parse_ps("[]") == []
+
+
+def test_parse_ps_docker_20_10():
+    exited, running = c.parse_ps(DOCKER_20_PS)
+    assert (exited["id"], exited["name"], exited["state"], exited["exit_code"]) == (
+        "16001412687b", "pd-t40-d1-d", "exited", 137)
+    assert exited["labels"] == {"pd.cluster": "t40", "pd.node": "d1", "pd.role": "D",
+                                "pd.test-image": "bookworm"}
+    assert (running["image"], running["exit_code"], running["started_at"]) == (
+        "127.0.41.1:5000/pd-test:1", None, None)
+    assert c.parse_ps(json.dumps({"Status": "Exited (-1) 3 hours ago"}))[0]["exit_code"] == -1
+
+
+def test_ps_argv_asks_both_clis_for_json_the_same_way():
+    # docker 20.10 has no `--format json` keyword: it prints the word "json" per container
+    argv = c.ps_argv(["docker", "-H", "unix:///s.sock"], ["--filter", "label=pd.node=d1"])
+    assert argv == ["docker", "-H", "unix:///s.sock", "ps", "--all", "--format", "{{json .}}",
+                    "--filter", "label=pd.node=d1"]
+    assert c.ps_argv(["podman"])[-2:] == ["--format", "{{json .}}"]
+    with pytest.raises(c.ContainerError, match="filters"):
+        c.ps_argv(["docker"], "--filter label=x")
+
+
+def test_roles_list_containers_with_ps_argv():
+    for path in ("roles/node_unit/tasks/stop_container.yml", "roles/status/tasks/main.yml"):
+        text = (REPO / path).read_text()
+        assert "pd_container_ps_argv" in text and "'--format', 'json'" not in text, path
 
 
 def test_status_rows_show_container_state_uptime_and_image():
@@ -310,6 +351,12 @@ def test_status_rows_show_container_state_uptime_and_image():
     assert (row["state"], row["uptime"]) == ("exited(137)", "-")
     row = unit_row("p1", "P", s["p1"]["P"], None, ps, "container")
     assert (row["state"], row["image"]) == ("absent", "-")
+    docker20 = c.parse_ps(DOCKER_20_PS)
+    row = unit_row("d1", "D", s["d1"]["D"], None, docker20[:1], "container")
+    assert (row["state"], row["uptime"]) == ("exited(137)", "-")
+    row = unit_row("c1", "C", s["c1"]["C"], None, docker20[1:], "container")
+    assert (row["state"], row["uptime"], row["image"]) == (
+        "running", "0s", "127.0.41.1:5000/pd-test:1")
     docker = unit_row("d1", "D", s["d1"]["D"], None, c.parse_ps(DOCKER_PS), "container")
     assert (docker["state"], docker["uptime"], docker["image"]) == ("running", "5m", "reg/vllm:1")
 
@@ -417,7 +464,8 @@ def test_filter_plugin_names_and_errors():
 
     f = load_filters()
     assert {"pd_container_run_argv", "pd_container_run_sha256", "pd_container_decide",
-            "pd_container_ps", "pd_container_unit_ps", "pd_container_labels",
+            "pd_container_ps", "pd_container_ps_argv", "pd_container_unit_ps",
+            "pd_container_labels",
             "pd_container_label_filters",
             "pd_container_name", "pd_container_host_paths", "pd_container_optional_paths",
             "pd_container_stop_timeout", "pd_image_id", "pd_image_archive",
