@@ -3,6 +3,7 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 VLLM_VENV ?= .venv-vllm
+VLLM_ASCEND_VENV ?= .venv-vllm-ascend
 KSANA_ROUTER_VENV ?= .venv-ksana-router
 BIN := $(VENV)/bin
 INVENTORY ?= inventories/local/inventory.yml
@@ -20,8 +21,12 @@ venv: $(BIN)/.installed
 deps:
 	.ci/install-deps.sh test
 
+## The real `vllm serve` parsers of tests/conformance, one venv per flavour: vLLM 0.33.0
+## (NVIDIA/NIXL) and vLLM 0.23.0 with vLLM-Ascend 0.23.0.post1. Cached: a stamp makes a
+## second run a no-op (< 1 s each); from scratch ~1 min each.
 vllm-venv:
-	.ci/install-vllm.sh $(VLLM_VENV)
+	.ci/install-vllm.sh $(VLLM_VENV) .ci/requirements-vllm.txt
+	.ci/install-vllm.sh $(VLLM_ASCEND_VENV) .ci/requirements-vllm-ascend.txt
 
 ## A Python for KsanaLLM's simple_router (its requirements, from PyPI; the router itself
 ## comes from a KsanaLLM tree: PD_KSANA_HOME, pd_ksana_home).
@@ -53,6 +58,8 @@ lint: venv
 unit: venv
 	$(BIN)/pytest -q tests/unit $(PYTEST_ARGS)
 
-## Everything CI runs: system packages, both virtualenvs, linters, the whole test suite.
+## Everything CI runs: system packages, the virtualenvs, linters, the whole test suite.
 test: deps venv vllm-venv lint
-	PD_VLLM_PYTHON=$(CURDIR)/$(VLLM_VENV)/bin/python $(BIN)/pytest -q -rs tests $(PYTEST_ARGS)
+	PD_VLLM_PYTHON=$(CURDIR)/$(VLLM_VENV)/bin/python \
+	PD_VLLM_ASCEND_PYTHON=$(CURDIR)/$(VLLM_ASCEND_VENV)/bin/python \
+		.ci/pytest-split.sh $(BIN)/pytest $(PYTEST_ARGS)
