@@ -12,27 +12,4 @@ if [ "$what" = test ]; then
   # registry, started and stopped by the tests (.ci/setup-docker.sh), never as services
   pkgs+=(docker.io docker-registry)
 fi
-missing=()
-for p in "${pkgs[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if [ ${#missing[@]} -eq 0 ]; then
-  echo "install-deps: all Debian packages present"
-  exit 0
-fi
-sudo=""
-[ "$(id -u)" -eq 0 ] || sudo="sudo"
-echo "install-deps: installing ${missing[*]}"
-export DEBIAN_FRONTEND=noninteractive
-# Packages must not start their services (the distribution's nginx and sshd are not
-# ours, and we never stop what we did not start): a temporary policy-rc.d says so.
-policy=/usr/sbin/policy-rc.d
-made_policy=""
-if [ ! -e "$policy" ]; then
-  printf '#!/bin/sh\nexit 101\n' | $sudo tee "$policy" >/dev/null
-  $sudo chmod +x "$policy"
-  made_policy=1
-fi
-trap '[ -n "$made_policy" ] && $sudo rm -f "$policy"' EXIT
-$sudo apt-get update -qq
-$sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+exec "$(dirname "$0")/apt-install.sh" "${pkgs[@]}"

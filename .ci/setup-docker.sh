@@ -40,29 +40,7 @@ if [ "$(id -u)" != 0 ]; then
     exit 1
 fi
 
-missing=""
-for p in docker.io runc docker-registry; do
-    st=$(dpkg-query -W -f '${db:Status-Status}' "$p" 2>/dev/null || true)
-    [ "$st" = installed ] || missing="$missing $p"
-done
-if [ -n "$missing" ]; then
-    echo "setup-docker: installing:$missing"
-    # The packages' postinst would start dockerd/containerd/docker-registry on a
-    # systemd or sysvinit machine: a policy-rc.d (only if none exists) forbids it.
-    guard=""
-    if [ ! -e /usr/sbin/policy-rc.d ]; then
-        printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
-        chmod 0755 /usr/sbin/policy-rc.d
-        guard=1
-    fi
-    export DEBIAN_FRONTEND=noninteractive
-    rc=0
-    apt-get -o DPkg::Lock::Timeout=600 update -qq || true
-    # shellcheck disable=SC2086
-    apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends $missing || rc=$?
-    [ -z "$guard" ] || rm -f /usr/sbin/policy-rc.d
-    [ $rc = 0 ] || exit $rc
-fi
+"$(dirname "$0")/apt-install.sh" docker.io runc docker-registry
 
 case "${1:-}" in
     "")

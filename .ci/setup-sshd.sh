@@ -21,29 +21,7 @@ if [ "$(id -u)" != 0 ]; then
     exit 1
 fi
 
-missing=""
-for p in openssh-server openssh-client; do
-    st=$(dpkg-query -W -f '${db:Status-Status}' "$p" 2>/dev/null || true)
-    [ "$st" = installed ] || missing="$missing $p"
-done
-if [ -n "$missing" ]; then
-    echo "setup-sshd: installing:$missing"
-    # Keep the package's postinst from starting the system sshd on 0.0.0.0:22
-    # (only if no policy-rc.d exists; removed again right after).
-    guard=""
-    if [ ! -e /usr/sbin/policy-rc.d ]; then
-        printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
-        chmod 0755 /usr/sbin/policy-rc.d
-        guard=1
-    fi
-    export DEBIAN_FRONTEND=noninteractive
-    rc=0
-    apt-get -o DPkg::Lock::Timeout=600 update -qq || true
-    # shellcheck disable=SC2086
-    apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends $missing || rc=$?
-    [ -z "$guard" ] || rm -f /usr/sbin/policy-rc.d
-    [ $rc = 0 ] || exit $rc
-fi
+"$(dirname "$0")/apt-install.sh" openssh-server openssh-client
 # Privilege separation directory; sshd refuses to start without it.
 install -d -m 0755 /run/sshd
 
