@@ -3,18 +3,20 @@ from a tarball.
 
 Three emulated nodes on 127.0.40.x (P on p1, D on d1, the front door on c1), each with
 its own dockerd (docker.io 20.10, tests/fixtures/docker_env.py), and a docker-registry
-2.8 on 127.0.41.1 holding the test image. One cluster, five playbook runs (CI time):
+2.8 on 127.0.41.1 holding the test image. One cluster, six playbook runs (CI time):
 
 1. site with pd_image=<registry>/pd-test:1 and no pd_image_tarball on nodes without
    the image: every node pulls (registry access log), units run -> requests through
    the proxy;
-2. decoys on d1; `docker kill` of d1's engine container -> status (docker's ps) shows
+2. site again: changed=0 on every host, the same containers, no request to the
+   registry (pull policy "missing");
+3. decoys on d1; `docker kill` of d1's engine container -> status (docker's ps) shows
    it exited(137);
-3. site with pd_image_pull_policy=always: every node asks the registry again (no
-   change: same image ID), p1 and c1 report changed=0 with the same containers (the
-   re-run check), d1's exited container is recreated (the converge check);
-4. cleanup: only this cluster's labelled containers go; the decoys survive;
-5. site again, now from the tarball (pd_image=localhost/pd-test:bookworm): copied to
+4. site with pd_image_pull_policy=always: every node asks the registry again (no
+   change: same image ID), p1 and c1 report changed=0 with the same containers, d1's
+   exited container is recreated (the converge check);
+5. cleanup: only this cluster's labelled containers go; the decoys survive;
+6. site again, now from the tarball (pd_image=localhost/pd-test:bookworm): copied to
    one node, fetched node to node over HTTP, loaded by `docker load` -> requests.
 
 The podman cycle (test_deploy_container.py) covers the same ground on six nodes with
@@ -121,6 +123,7 @@ def test_docker_runtime_registry_and_tarball(tmp_path):
         decoy = start_decoy(["-m", "pd_launcher.emulator", "serve", "/models/demo",
                              "--host", cluster.hosts["d1"], "--port", "7100"])
         _pull_and_serve(cluster, nodes, registry, ref, image_id, clock)
+        _rerun_changes_nothing(cluster, nodes, registry, clock)
         ids = _kill_and_look(cluster, nodes, ref, clock)
         _converge_with_pull_always(cluster, nodes, registry, ids, clock)
         _cleanup_spares_decoys(cluster, nodes, decoy.pid, clock)
@@ -177,6 +180,18 @@ def _pull_and_serve(cluster: Cluster, nodes: dict[str, DockerNode], registry: Re
     assert now_heads - heads == len(HOSTS), registry.requests("HEAD", "/v2/")
     assert now_blobs - blobs >= 2 * len(HOSTS), registry.requests("GET", "/v2/")
     exercise_proxy(cluster)
+
+
+def _rerun_changes_nothing(cluster: Cluster, nodes: dict[str, DockerNode],
+                           registry: Registry, clock: Clock) -> None:
+    """site.yml again, nothing changed: changed=0 everywhere, the same containers, and
+    no node asks the registry for the image (pull policy "missing")."""
+    ids, pulls = _ids(nodes), _pulls(registry)
+    again = cluster.playbook("site.yml")
+    clock.lap("site again, nothing to do")
+    assert set(_changed(again.stdout).values()) == {0}, _changed(again.stdout)
+    assert _ids(nodes) == ids
+    assert _pulls(registry) == pulls
 
 
 def _kill_and_look(cluster: Cluster, nodes: dict[str, DockerNode], ref: str,
