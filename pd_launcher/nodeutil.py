@@ -246,6 +246,72 @@ def verify_recorded(rec: Mapping[str, Any]) -> Tuple[str, str]:
     return "ours", f"pid {pid}"
 
 
+# --------------------------------------------------------------------------- the lock
+
+LOCK_FILE = "launcher.lock"
+
+
+def lock_holders(path: str) -> List[int]:
+    """PIDs holding a lock (flock or POSIX) on the file `path`, from /proc/locks."""
+    try:
+        st = os.stat(path)
+        with open("/proc/locks") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return []
+    out: List[int] = []
+    for line in lines:
+        fields = line.split()
+        # "1: FLOCK  ADVISORY  WRITE 1234 00:2a:56789 0 EOF" ("->" marks a waiter)
+        if "->" in fields:
+            continue
+        try:
+            pid = int(fields[4])
+            major, minor, ino = fields[5].split(":")
+            dev = os.makedev(int(major, 16), int(minor, 16))
+        except (IndexError, ValueError):
+            continue
+        if int(ino) == st.st_ino and dev == st.st_dev and pid not in out:
+            out.append(pid)
+    return out
+
+
+def launcher_by_lock(state_dir: str) -> Optional[Dict[str, Any]]:
+    """The launcher of `state_dir` proven by its lock, without the state file: the live
+    process holding ``<state_dir>/launcher.lock`` (only a launcher running on that state
+    directory takes it; the fd is close-on-exec, no child inherits it) whose command
+    line is a ``pd_launcher run``. A state entry ({"pid", "start_time", "cmdline"}) or
+    None. Used when the state file is unreadable or names another process."""
+    for pid in lock_holders(os.path.join(state_dir, LOCK_FILE)):
+        st = read_stat(pid)
+        cmd = read_cmdline(pid) or []
+        if st is None or st.zombie or "pd_launcher" not in " ".join(cmd) or "run" not in cmd:
+            continue
+        return {"pid": pid, "start_time": st.start_time, "cmdline": mask_argv(cmd)}
+    return None
+
+
+def describe_state_damage(state_dir: str, state: Optional[Mapping[str, Any]]) -> List[str]:
+    """What in a readable state file cannot be proven: entries whose PID now belongs to
+    another process (start time or command line differ), entries without pid or start
+    time. Each names the file and the entry."""
+    if not state:
+        return []
+    path = state_path(state_dir)
+    out: List[str] = []
+    entries = [("launcher", state.get("launcher"))] + [
+        (f"processes[{i}] ({(e or {}).get('name', '?')})", e)
+        for i, e in enumerate(state.get("processes") or [])]
+    for where, entry in entries:
+        if not isinstance(entry, Mapping):
+            out.append(f"{path}: {where} is not an object")
+            continue
+        verdict, detail = verify_recorded(entry)
+        if verdict == "mismatch":
+            out.append(f"{path}: {where}: {detail}; not ours, never signalled")
+    return out
+
+
 # --------------------------------------------------------------------------- state file
 
 

@@ -74,8 +74,12 @@ def _parser(cmd: str) -> _Parser:
         p.add_argument("--grace", type=_positive, help="SIGTERM->SIGKILL grace (s)")
         p.add_argument("--check", action="store_true",
                        help="validate spec and node, print what would run, start nothing")
-        p.add_argument("--log-max-bytes", type=int, default=logs.DEFAULT_MAX_BYTES)
-        p.add_argument("--log-backups", type=int, default=logs.DEFAULT_BACKUPS)
+        p.add_argument("--log-max-bytes", type=int,
+                       help="rotate a log above N bytes (default: the spec's "
+                       f"logs.max_bytes, else {logs.DEFAULT_MAX_BYTES}; 0: never)")
+        p.add_argument("--log-backups", type=int,
+                       help="rotated copies kept (default: the spec's logs.backups, else "
+                       f"{logs.DEFAULT_BACKUPS})")
     elif cmd == "stop":
         p.add_argument("--state-dir", required=True)
         p.add_argument("--grace", type=_positive)
@@ -198,10 +202,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     spec = _placed(load_spec(args.spec), args.state_dir, args.log_dir, args.run_dir)
     state_dir, log_dir = _dirs(spec)
     grace = spec.grace_seconds if args.grace is None else args.grace
-    log = logs.setup_launcher_logger(None if args.check else log_dir, args.log_max_bytes,
-                                     args.log_backups)
+    policy = spec.logs
+    max_bytes = next(x for x in (args.log_max_bytes, policy and policy.max_bytes,
+                                 logs.DEFAULT_MAX_BYTES) if x is not None)
+    backups = next(x for x in (args.log_backups, policy and policy.backups,
+                               logs.DEFAULT_BACKUPS) if x is not None)
+    log = logs.setup_launcher_logger(None if args.check else log_dir, max_bytes, backups)
     sup = Supervisor(spec, args.spec, state_dir, log_dir, grace, None, log,
-                     log_max_bytes=args.log_max_bytes, log_backups=args.log_backups)
+                     log_max_bytes=max_bytes, log_backups=backups)
     if not args.check:
         try:
             locked = sup.acquire_lock()

@@ -94,6 +94,18 @@ class Gate:
 
 
 @dataclass
+class LogPolicy:
+    """`logs`: rotation of the unit's log files (run's --log-max-bytes/--log-backups
+    override it). `files`: files the processes open themselves (nginx's access log),
+    rotated like the processes' own logs (copy-truncate; their writers must open them
+    O_APPEND). None: the launcher's default."""
+
+    max_bytes: Optional[int] = None
+    backups: Optional[int] = None
+    files: List[str] = field(default_factory=list)
+
+
+@dataclass
 class SpecFile:
     path: str
     content: str
@@ -138,6 +150,8 @@ class NodeSpec:
     proxy: Optional[Dict[str, Any]] = None
     #: service units: readiness that needs the engines (see Gate); None: no gate
     gate: Optional[Gate] = None
+    #: log rotation and the extra log files to rotate; None (absent): the defaults
+    logs: Optional[LogPolicy] = None
     #: top-level keys this launcher does not know, kept as they came
     extra: Dict[str, Any] = field(default_factory=dict)
     #: where it was read from and the decoded JSON (never serialised, not compared)
@@ -151,7 +165,7 @@ class NodeSpec:
 # Keys in the order spec_to_dict writes them (unit and phase only when set).
 SPEC_KEYS = ("schema", "cluster", "node", "role", "unit", "phase", "ip", "instance",
              "master", "engine", "base_dir", "dirs", "grace_seconds", "checks", "nic",
-             "files", "pre_start", "processes", "proxy", "gate")
+             "files", "pre_start", "processes", "proxy", "gate", "logs")
 PROCESS_KEYS = ("name", "argv", "env", "ports", "ready", "dp_ranks")
 
 
@@ -453,6 +467,7 @@ def parse_spec(raw: Any, source: str = "<spec>") -> NodeSpec:
         proxy = None
 
     gate = _parse_gate(v, raw.get("gate"))
+    log_policy = _parse_logs(v, raw.get("logs"))
 
     if v.errors:
         raise SpecError(source, v.errors)
@@ -461,10 +476,30 @@ def parse_spec(raw: Any, source: str = "<spec>") -> NodeSpec:
         phase=phase, instance=instance, master=master, engine=engine, base_dir=base_dir,
         dirs=dirs, grace_seconds=grace, check_paths=check_paths, check_devices=check_devices,
         check_commands=check_commands, nic=nic, files=files, pre_start=pre_start,
-        proxy=proxy, gate=gate,
+        proxy=proxy, gate=gate, logs=log_policy,
         extra={k: x for k, x in raw.items() if k not in SPEC_KEYS},
         source=source, raw=raw,
     )
+
+
+def _parse_logs(v: _V, val: Any) -> Optional[LogPolicy]:
+    if val is None:
+        return None
+    if not isinstance(val, dict):
+        v.err("logs", "must be an object {max_bytes, backups, files} or null")
+        return None
+    nums: Dict[str, Optional[int]] = {}
+    for key in ("max_bytes", "backups"):
+        x = val.get(key)
+        if x is not None and (isinstance(x, bool) or not isinstance(x, int) or x < 0):
+            v.err("logs." + key, f"must be an integer >= 0, got {x!r}")
+            x = None
+        nums[key] = x
+    files = v.str_list(val.get("files"), "logs.files")
+    for i, f in enumerate(files):
+        if not f.startswith("/"):
+            v.err(f"logs.files[{i}]", f"must be an absolute path, got {f!r}")
+    return LogPolicy(max_bytes=nums["max_bytes"], backups=nums["backups"], files=files)
 
 
 def _parse_gate(v: _V, val: Any) -> Optional[Gate]:
@@ -528,7 +563,8 @@ def spec_to_dict(spec: NodeSpec) -> Dict[str, Any]:
 
     The one serialiser of the contract. Keys come in SPEC_KEYS order; `unit` and
     `phase` only when set (service units), `dp_ranks` and `ready.headers` only when
-    set, unknown keys kept from parsing come last. `source` and `raw` never appear.
+    set, `gate` and `logs` only when set, unknown keys kept from parsing come last.
+    `source` and `raw` never appear.
     parse_spec(spec_to_dict(s)) == s, and spec_to_dict(parse_spec(d)) == d for every
     d in this canonical form (what the planner emits).
     """
@@ -564,6 +600,9 @@ def spec_to_dict(spec: NodeSpec) -> Dict[str, Any]:
         out["gate"] = {"ready": None if spec.gate.ready is None
                        else _ready_to_dict(spec.gate.ready), "what": spec.gate.what,
                        "explain": list(spec.gate.explain), "check": list(spec.gate.check)}
+    if spec.logs is not None:
+        out["logs"] = {"max_bytes": spec.logs.max_bytes, "backups": spec.logs.backups,
+                       "files": list(spec.logs.files)}
     out.update(copy.deepcopy(spec.extra))
     return out
 
@@ -633,6 +672,8 @@ def relocate(spec: NodeSpec, new_dirs: Dict[str, Optional[str]]) -> NodeSpec:
     return replace(
         spec,
         dirs=dirs,
+        logs=None if spec.logs is None else replace(
+            spec.logs, files=[sub(f) for f in spec.logs.files]),
         check_paths=[sub(x) for x in spec.check_paths],
         files=[replace(f, path=sub(f.path), content=sub(f.content)) for f in spec.files],
         pre_start=[[sub(a) for a in argv] for argv in spec.pre_start],

@@ -39,6 +39,10 @@ from ..nodeutil import (  # noqa: F401  (re-exported: shared with the Ansible mo
 )
 
 SCHEMA = STATE_SCHEMA
+#: the state file and the lock are the launcher's alone: 0600, in a 0700 directory
+STATE_FILE_MODE = 0o600
+STATE_DIR_MODE = 0o700
+LOCK_FILE = "launcher.lock"
 
 
 def write_state(state_dir: str, state: Dict[str, Any]) -> None:
@@ -46,7 +50,9 @@ def write_state(state_dir: str, state: Dict[str, Any]) -> None:
     state["schema"] = SCHEMA
     state["updated_at"] = time.time()
     data = (json.dumps(state, indent=2, sort_keys=True) + "\n").encode("utf-8")
-    atomic_write(state_path(state_dir), data, 0o644)
+    if not os.path.isdir(state_dir):
+        os.makedirs(state_dir, mode=STATE_DIR_MODE, exist_ok=True)
+    atomic_write(state_path(state_dir), data, STATE_FILE_MODE)
 
 
 def remove_state(state_dir: str) -> None:

@@ -28,9 +28,15 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Set
 
-from ..nodeutil import same_pid_namespace, verify_recorded
+from ..nodeutil import (
+    LOCK_FILE,
+    describe_state_damage,
+    launcher_by_lock,
+    same_pid_namespace,
+    verify_recorded,
+)
 from . import procinfo
-from .common import EXIT_CHILD, EXIT_OK, EXIT_USAGE
+from .common import EXIT_CHILD, EXIT_OK
 from .state import read_state, remove_state, state_path
 
 POLL = 0.05
@@ -116,7 +122,7 @@ def stop_recorded_processes(state: Dict[str, Any], grace: float,
         name = str(rec.get("name", "?"))
         verdict, detail = verify_recorded(rec)
         if verdict == "mismatch":
-            log.warning("%s: %s; not touching it", name, detail)
+            log.warning("%s: %s; not touching it", name, detail)  # reported as damage too
             continue
         try:
             sid = int(rec.get("pgid") or rec["pid"])
@@ -141,12 +147,71 @@ def stop_recorded_processes(state: Dict[str, Any], grace: float,
     return not remaining
 
 
+DAMAGE = "damage: "  # prefix of the messages about a damaged state file (roles show them)
+
+
+def _stop_launcher(launcher: Dict[str, Any], wait: float, log: logging.Logger) -> None:
+    """SIGTERM a launcher proven ours and wait for its own shutdown (it stops its
+    processes, then removes its state file); SIGKILL it after `wait` seconds."""
+    pid = int(launcher["pid"])
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        if verify_recorded(launcher)[0] != "ours":
+            return
+        time.sleep(POLL)
+    log.warning("launcher pid %d did not finish within %.0fs: SIGKILL", pid, wait)
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    time.sleep(0.2)
+
+
+def _set_aside(path: str, log: logging.Logger) -> None:
+    aside = f"{path}.damaged-{int(time.time())}"
+    try:
+        os.replace(path, aside)
+        log.warning("%smoved %s to %s", DAMAGE, path, aside)
+    except FileNotFoundError:
+        pass
+
+
+def _stop_unreadable(state_dir: str, error: str, grace: Optional[float],
+                     log: logging.Logger) -> int:
+    """The state file cannot be read: only the launcher proven by its lock is stopped
+    (it stops its own processes); no other PID is signalled."""
+    path = state_path(state_dir)
+    log.warning("%s%s cannot be read (%s): no recorded PID can be proven ours", DAMAGE,
+                path, error)
+    launcher = launcher_by_lock(state_dir)
+    if launcher is None:
+        log.warning("%sno live launcher holds %s: nothing is signalled (processes it "
+                    "started got SIGTERM when it died)", DAMAGE,
+                    os.path.join(state_dir, LOCK_FILE))
+        _set_aside(path, log)
+        return EXIT_OK
+    wait = (30.0 if grace is None else grace) + 15.0
+    log.warning("%sthe launcher holding the lock is pid %d (%s): SIGTERM, it stops its own "
+                "processes", DAMAGE, launcher["pid"], " ".join(launcher["cmdline"])[:120])
+    _stop_launcher(launcher, wait, log)
+    if verify_recorded(launcher)[0] == "ours":
+        log.error("the launcher pid %d survived SIGKILL", launcher["pid"])
+        return EXIT_CHILD
+    if os.path.exists(path):
+        _set_aside(path, log)  # the launcher rewrote it (e.g. failed) or could not remove it
+    log.info("launcher stopped")
+    return EXIT_OK
+
+
 def stop_command(state_dir: str, grace: Optional[float], log: logging.Logger) -> int:
     try:
         state = read_state(state_dir)
     except (OSError, ValueError) as exc:
-        log.error("cannot read state file %s: %s", state_path(state_dir), exc)
-        return EXIT_USAGE
+        return _stop_unreadable(state_dir, str(exc), grace, log)
     if state is None:
         log.info("nothing to stop (no state file %s)", state_path(state_dir))
         return EXIT_OK
@@ -155,30 +220,26 @@ def stop_command(state_dir: str, grace: Optional[float], log: logging.Logger) ->
                   "nothing here; stop it where it runs (container stop / exec)",
                   state_path(state_dir), state.get("pid_namespace"), procinfo.pid_namespace())
         return EXIT_CHILD
-    recorded_grace = float(state.get("grace_seconds") or 30.0)
+    for problem in describe_state_damage(state_dir, state):
+        log.warning("%s%s", DAMAGE, problem)
+    try:
+        recorded_grace = float(state.get("grace_seconds") or 30.0)
+    except (TypeError, ValueError):
+        recorded_grace = 30.0
     use_grace = recorded_grace if grace is None else grace
     launcher = state.get("launcher") or {}
     verdict, detail = verify_recorded(launcher) if launcher else ("gone", "no launcher entry")
+    if verdict != "ours":
+        # the recorded entry may be damaged while the launcher runs: its lock proves it
+        by_lock = launcher_by_lock(state_dir)
+        if by_lock is not None:
+            if verdict == "mismatch":
+                log.warning("%sthe launcher holding the lock is pid %d, not the recorded "
+                            "one", DAMAGE, by_lock["pid"])
+            launcher, verdict, detail = by_lock, "ours", f"pid {by_lock['pid']} (lock holder)"
     if verdict == "ours":
-        pid = int(launcher["pid"])
         log.info("sending SIGTERM to the launcher (%s)", detail)
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        deadline = time.monotonic() + recorded_grace + 15.0
-        while time.monotonic() < deadline:
-            if verify_recorded(launcher)[0] != "ours":
-                break
-            time.sleep(POLL)
-        else:
-            log.warning("launcher pid %d did not finish within %.0fs: SIGKILL", pid,
-                        recorded_grace + 15.0)
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            time.sleep(0.2)
+        _stop_launcher(launcher, recorded_grace + 15.0, log)
         try:
             state = read_state(state_dir)
         except (OSError, ValueError):
@@ -186,8 +247,6 @@ def stop_command(state_dir: str, grace: Optional[float], log: logging.Logger) ->
         if state is None:
             log.info("launcher stopped everything")
             return EXIT_OK
-    elif verdict == "mismatch":
-        log.warning("recorded launcher: %s; not touching it", detail)
     ok = stop_recorded_processes(state, use_grace, log)
     if ok:
         remove_state(state_dir)

@@ -32,7 +32,7 @@ from .common import (
     tail_lines,
 )
 from .spec import NodeSpec, Process
-from .state import atomic_write, remove_state, write_state
+from .state import LOCK_FILE, STATE_DIR_MODE, atomic_write, remove_state, write_state
 from .stop import Target, terminate
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
@@ -163,9 +163,9 @@ class Supervisor:
 
     # ---- locking (one launcher per state dir) -------------------------------------
     def acquire_lock(self) -> bool:
-        os.makedirs(self.state_dir, exist_ok=True)
-        fd = os.open(os.path.join(self.state_dir, "launcher.lock"),
-                     os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        os.makedirs(self.state_dir, mode=STATE_DIR_MODE, exist_ok=True)
+        fd = os.open(os.path.join(self.state_dir, LOCK_FILE),
+                     os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
@@ -405,11 +405,18 @@ class Supervisor:
             now = time.monotonic()
             if now - last_rotate >= LOOP_INTERVAL:
                 last_rotate = now
-                for c in self.children:
-                    try:
-                        if logs.rotate_if_needed(c.log_path, self.log_max_bytes,
-                                                 self.log_backups):
-                            self.log.info("rotated %s", c.log_path)
-                    except OSError as exc:
-                        self.log.warning("cannot rotate %s: %s", c.log_path, exc)
+                self.rotate_logs()
             self._sleep(LOOP_INTERVAL)
+
+    def rotate_logs(self) -> None:
+        """Rotate every process log and the spec's logs.files above the cap; never
+        raises (a full or broken log filesystem must not stop the set)."""
+        extra = list(self.spec.logs.files) if self.spec.logs is not None else []
+        for path in [c.log_path for c in self.children] + extra:
+            try:
+                done = logs.rotate_if_needed(path, self.log_max_bytes, self.log_backups)
+            except OSError as exc:
+                self.log.warning("cannot rotate %s: %s", path, exc)
+                continue
+            if done:
+                (self.log.info if done == "rotated" else self.log.warning)("%s %s", done, path)

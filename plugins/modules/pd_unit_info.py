@@ -74,6 +74,14 @@ state_error:
   description: Why the state file could not be read (then it counts as recorded).
   type: str
   returned: when the state file is unreadable
+damage:
+  description:
+    - What in the state file cannot be proven ours, each naming the node, unit and file
+      (unreadable file, a recorded PID that now belongs to another process); also
+      issued as warnings. Such PIDs are never signalled by stop or cleanup.
+  type: list
+  elements: str
+  returned: always
 launcher_pid:
   description: The recorded launcher PID.
   type: int
@@ -124,6 +132,8 @@ import time
 
 from ansible.module_utils.basic import AnsibleModule
 from ansible.module_utils.pd_node import (
+    describe_state_damage,
+    launcher_by_lock,
     probe_ready,
     read_state,
     same_pid_namespace,
@@ -149,12 +159,11 @@ def main() -> None:
         supports_check_mode=True,
     )
     p = module.params
-    state, state_error = None, None
+    state, read_error = None, None
     try:
         state = read_state(p["state_dir"])
     except (OSError, ValueError) as exc:
-        state_error = f"cannot read {state_path(p['state_dir'])}: {exc}"
-        module.warn(state_error)
+        read_error = f"cannot read {state_path(p['state_dir'])}: {exc}"
     spec = None
     if p["spec_path"] and os.path.exists(p["spec_path"]):
         try:
@@ -163,7 +172,21 @@ def main() -> None:
         except (OSError, ValueError) as exc:
             module.fail_json(msg=f"cannot read the node spec {p['spec_path']}: {exc}")
     check = p["check_pids"] and (state is None or same_pid_namespace(state))
+    where = "{}/{}".format((spec or {}).get("node") or "?",
+                           (spec or {}).get("unit") or (spec or {}).get("role") or "?")
+    damage, state_error = [], None
+    if read_error:
+        state_error = f"{where}: damaged state file: {read_error}; no recorded PID can be " \
+                      "proven ours"
+        damage.append(state_error)
+    elif check:
+        damage += [f"{where}: damaged state file: {d}"
+                   for d in describe_state_damage(p["state_dir"], state)]
+    for d in damage:
+        module.warn(d)
     launcher = (state or {}).get("launcher") or {}
+    if check and (state_error or (launcher and not _ours(launcher))):
+        launcher = launcher_by_lock(p["state_dir"]) or launcher  # the lock proves it
     recorded = {e.get("name"): e for e in (state or {}).get("processes", [])}
     spec_procs = {q["name"]: q for q in (spec or {}).get("processes", [])}
     names = list(spec_procs) or list(recorded)
@@ -216,6 +239,7 @@ def main() -> None:
     }
     if state_error:
         result["state_error"] = state_error
+    result["damage"] = damage
     module.exit_json(**result)
 
 

@@ -127,9 +127,14 @@ def main() -> None:
         os.path.join(p["lib_dir"], "pd_launcher", "__main__.py"))
     spec_changed = _read(spec_path) != spec_bytes
     made = [d for d in dirs if not os.path.isdir(d)]
+    # state (state file, lock): the launcher's alone; logs: not for every user of the node
+    modes = {spec["dirs"]["state"]: 0o700, spec["dirs"]["log"]: 0o750}
     if not module.check_mode:
         for d in made:
             os.makedirs(d, mode=0o755, exist_ok=True)
+        for d, mode in modes.items():
+            if os.stat(d).st_mode & 0o7777 != mode:
+                os.chmod(d, mode)
         if lib_changed:
             _unpack(module, bundle, p["lib_dir"])
             atomic_write(marker, _sha(bundle).encode() + b"\n", 0o644)

@@ -38,7 +38,7 @@ def test_atomic_write_readers_never_see_partial_content(tmp_path):
         t.join()
     assert not errors
     assert [p.name for p in tmp_path.iterdir()] == ["launcher.json"]  # no temp files left
-    assert oct(os.stat(tmp_path / "launcher.json").st_mode & 0o777) == "0o644"
+    assert oct(os.stat(tmp_path / "launcher.json").st_mode & 0o777) == "0o600"  # not world-readable
 
 
 def test_atomic_write_failure_keeps_old_file(tmp_path, monkeypatch):

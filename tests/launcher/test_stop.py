@@ -148,11 +148,16 @@ def test_run_after_crashed_launcher_stops_its_leftovers_first(node):
 def test_corrupt_state_file(node):
     node.state_dir.mkdir()
     (node.state_dir / "launcher.json").write_text("{garbage")
-    r = node.cli("stop", "--state-dir", str(node.state_dir))
-    assert r.returncode == 2 and "cannot read state file" in r.stderr
     spec_path = node.write_spec(node.spec([{"name": "a", "argv": ["sleep", "1"]}]))
     r = node.cli("run", str(spec_path))
     assert r.returncode == 5 and "cannot read state file" in r.stderr
+    # stop: no launcher holds the lock, nothing can be proven: reported, set aside, exit 0
+    r = node.cli("stop", "--state-dir", str(node.state_dir))
+    assert r.returncode == 0, r.stderr
+    assert "damage: " in r.stderr and "cannot be read" in r.stderr
+    assert "no live launcher holds" in r.stderr
+    assert not (node.state_dir / "launcher.json").exists()
+    assert list(node.state_dir.glob("launcher.json.damaged-*"))
 
 
 def test_stop_waits_for_launcher_grace(node):
