@@ -54,7 +54,11 @@ DEFAULTS: dict[str, Any] = {
     "prefill_timeout_s": 600,
     "decode_timeout_s": 3600,
     "worker_processes": 1,
+    # completion requests in flight at once (all workers); beyond: 429 + Retry-After.
+    # 0 = no limit (see docs/proxy.md, Overload)
+    "max_inflight": 0,
     # extensions
+    "retry_after_s": 1,                  # Retry-After of those 429 answers
     "upstream_keepalive_timeout_s": 4,   # below uvicorn's 5 s idle close (vLLM default)
     "prefill_response_buffer": None,     # largest prefill response held in memory;
                                          # default max(16m, 2 x max_body_size)
@@ -168,6 +172,8 @@ def options_of(proxy: dict) -> dict[str, Any]:
     _int(o, "router_timeout_s", 1, 86400)
     _int(o, "upstream_keepalive_timeout_s", 1, 3600)
     _int(o, "worker_connections", 64, 1 << 20)
+    _int(o, "max_inflight", 0, 10**6)
+    _int(o, "retry_after_s", 1, 3600)
     _int(o, "health_interval_s", 1, 3600)
     _int(o, "health_timeout_s", 1, 600)
     _int(o, "health_fails", 1, 100)
@@ -270,6 +276,7 @@ def _retry_maps(prefill_attempts: int, decode_attempts: int
 ERRORS = [
     ("pd_e400", 400, "BadRequestError", "bad request"),
     ("pd_e413", 413, "RequestTooLargeError", "request body too large"),
+    ("pd_e429", 429, "RateLimitError", "too many requests in flight at the proxy; retry later"),
     ("pd_e500", 500, "InternalServerError", "internal proxy error"),
     ("pd_e502", 502, "BadGatewayError", "upstream engine unavailable or failed"),
     ("pd_e503", 503, "ServiceUnavailableError", "service unavailable"),
@@ -383,6 +390,8 @@ def proxy_unit(proxy: dict, dirs: dict, *, nginx_bin: str = "nginx",
         # the whole body in one memory buffer, so njs can read it
         "max_body_size": opts["max_body_size"],
         "client_body_timeout_s": 60,
+        "max_inflight": opts["max_inflight"],
+        "retry_after_s": opts["retry_after_s"],
         "err401": error_json(401, "AuthenticationError", "missing or invalid API key"),
         "err404": error_json(404, "NotFoundError", "no such endpoint"),
         "health_local": json.dumps({"status": "ok", "proxy": "up", "agent": "down",
@@ -441,6 +450,10 @@ def proxy_unit(proxy: dict, dirs: dict, *, nginx_bin: str = "nginx",
              "mode": "0644"},
         ] if f is not None],
         "pre_start": [[nginx_bin, "-t", "-q", "-p", run + "/", "-c", conf_path]],
+        # nginx writes the access log itself (O_APPEND): the launcher rotates it like the
+        # processes' own logs (copy-truncate, spec `logs.files`); nginx's error log is
+        # its stderr, i.e. the proxy process's log
+        "logs": {"files": [access_log]},
         "processes": [
             {
                 "name": "proxy",

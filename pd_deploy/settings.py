@@ -134,6 +134,10 @@ CORE: tuple[Variable, ...] = (
     _v("pd_proxy_prefill_timeout_s", 600, "proxy", "Prefill leg read timeout."),
     _v("pd_proxy_decode_timeout_s", 3600, "proxy", "Decode leg read timeout."),
     _v("pd_proxy_worker_processes", 1, "proxy", "nginx worker processes."),
+    _v("pd_proxy_max_inflight", 0, "proxy", "Completion requests the front door serves at "
+       "once (all workers); beyond that it answers 429 with Retry-After at once instead of "
+       "queueing. 0 = no limit (the engines queue). Size it from the decode pool's capacity "
+       "(decode instances x max-num-seqs x a small factor)."),
 )
 
 # Ansible role knobs: read by the playbooks. Their defaults live in roles/pd_defaults
@@ -165,10 +169,18 @@ ROLE_KNOBS: tuple[Variable, ...] = (
     _v("pd_container_extra_args", [], "role", "Extra `run` arguments of engine containers."),
     _v("pd_ready_timeout", 600, "role", "Seconds to wait for every process of a unit to be "
        "ready."),
+    _v("pd_log_max_mb", 100, "role", "Log rotation cap (MiB) of every log file of a unit "
+       "(process logs, the launcher's, nginx's access log): copied to .1 and truncated "
+       "above it."),
+    _v("pd_log_backups", 4, "role", "Rotated copies kept per log file; a file uses at most "
+       "pd_log_max_mb * (1 + pd_log_backups) MiB."),
     _v("pd_bundle_dir", None, "role", "Controller directory of the launcher bundle. Default: "
        "var/bundle in the repository."),
     _v("pd_min_free_mb", 512, "role", "Free disk space needed under pd_base_dir (MiB)."),
     _v("pd_status_probe_timeout", 2, "role", "Seconds per readiness probe in status.yml."),
+    _v("pd_lock_break", "", "role", "Take over the cluster lock of a run that is gone (killed, "
+       "its controller lost): the lock's id as the refusal prints it. A lock left on this "
+       "controller by an ansible-playbook that no longer runs is taken over without it."),
     _v("pd_cleanup_logs", False, "role", "cleanup.yml also deletes the units' log "
        "directories."),
     _v("pd_logs_dest", None, "role", "Controller directory receiving logs.yml's files. "

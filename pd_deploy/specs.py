@@ -22,6 +22,7 @@ from pd_deploy.engines.base import PHASES, FrontDoor, Service
 from pd_deploy.topology import ClusterPlan, Node, ProxyHost
 from pd_launcher.launcher.spec import (
     SCHEMA,
+    LogPolicy,
     Nic,
     NodeSpec,
     Process,
@@ -178,6 +179,7 @@ def proxy_spec(plan: ClusterPlan, proxy: ProxyHost) -> NodeSpec:
         pre_start=[list(a) for a in unit["pre_start"]],
         processes=as_processes(unit["processes"], where),
         proxy=block,
+        logs=LogPolicy(files=list((unit.get("logs") or {}).get("files") or [])),
     )
 
 

@@ -557,6 +557,7 @@ def proxy_options(r: Reader) -> dict[str, Any]:
         "prefill_timeout_s": r.integer("pd_proxy_prefill_timeout_s", 1, 86400),
         "decode_timeout_s": r.integer("pd_proxy_decode_timeout_s", 1, 86400),
         "worker_processes": r.integer("pd_proxy_worker_processes", 1, 256),
+        "max_inflight": r.integer("pd_proxy_max_inflight", 0, 10**6),
     }
 
 

@@ -147,6 +147,8 @@ class Metrics:
                         {"prefill": 0, "decode": 0})
         self.fallbacks = 0
         self.skipped = 0
+        self.stream_errors = 0    # decode stream ended early (log field stream_error)
+        self.rejected = 0         # over max_inflight (log field inflight_limit)
         self.bytes_sent = 0
         self.attempts: dict[tuple[str, str], int] = {}
         self.failures: dict[tuple[str, str], int] = {}
@@ -189,6 +191,10 @@ class Metrics:
             if t is not None:
                 self.total[route].observe(t)
             self.bytes_sent += int(_num(rec.get("bytes_sent")) or 0)
+            if rec.get("inflight_limit") == "REJECTED":
+                self.rejected += 1
+            if rec.get("stream_error"):
+                self.stream_errors += 1
             if self.mode == "router":
                 self._add_router(rec, route, now)
                 return
@@ -454,6 +460,16 @@ class Agent:
                 head("pd_proxy_prefill_skipped_total", "counter",
                      "Requests sent straight to decode (prompt below min_prefill_chars).")
                 out.append(f"pd_proxy_prefill_skipped_total {m.skipped}")
+            head("pd_proxy_rejected_total", "counter",
+                 "Completion requests answered 429 at once (reason max_inflight: that many "
+                 "were in flight).")
+            out.append(f"pd_proxy_rejected_total{_labels({'reason': 'max_inflight'})} "
+                       f"{m.rejected}")
+            if m.mode != "router":
+                head("pd_proxy_stream_errors_total", "counter",
+                     "Decode responses that ended early (engine lost or timed out after the "
+                     "response header); SSE clients got an error event.")
+                out.append(f"pd_proxy_stream_errors_total {m.stream_errors}")
             head("pd_proxy_upstream_attempts_total", "counter", "Attempts per upstream.")
             for (pool, a), n in sorted(m.attempts.items()):
                 out.append(f"pd_proxy_upstream_attempts_total"

@@ -34,6 +34,8 @@ SUPPORTED_VLLM = {
     "vllm": {(0, 33): "vLLM 0.33.0"},
 }
 DEFAULT_VLLM = {"vllm-ascend": "0.23.0", "vllm": "0.33.0"}
+#: kv_transfer_config.kv_load_failure_policy (vLLM 0.23.0 and 0.33.0 config/kv_transfer.py)
+KV_LOAD_FAILURE_POLICIES = ("fail", "recompute")
 #: KV connectors whose prefill -> decode flow the front door drives, per flavour
 CONNECTORS = {
     "vllm-ascend": ("MooncakeConnectorV1", "MooncakeHybridConnector"),
@@ -117,6 +119,9 @@ def kv_transfer_config(plan: ClusterPlan, inst: Instance,
         "kv_role": "kv_producer" if inst.role == "P" else "kv_consumer",
         "engine_id": engine_id,
     }
+    if inst.role == "D" and inst.opts.get("kv_load_failure_policy"):
+        # read by the scheduler of the engine that loads KV (vLLM 0.23 and 0.33 have it)
+        cfg["kv_load_failure_policy"] = inst.opts["kv_load_failure_policy"]
     if inst.opts["flavour"] == "vllm-ascend":
         # vLLM-Ascend adds data_parallel_rank * tp itself; a DP=1 engine is rank 0
         cfg["kv_port"] = rank.kv_port if independent else inst.kv_port
@@ -151,8 +156,7 @@ def _engine_argv(plan: ClusterPlan, inst: Instance, node: Node, rank: Rank | Non
                  "--data-parallel-rpc-port", str(inst.dp_rpc_port)]
     argv += ["--kv-transfer-config",
              json.dumps(kv_transfer_config(plan, inst, rank), separators=(",", ":"))]
-    if plan.engine_api_key and not headless:
-        argv += ["--api-key", str(plan.engine_api_key)]
+    # the API key goes in VLLM_API_KEY (_engine_env), never in argv: argv shows in `ps`
     return argv + inst.extra_args
 
 
@@ -172,6 +176,10 @@ def _engine_env(plan: ClusterPlan, inst: Instance, node: Node, ranks: list[Rank]
             port = ranks[0].kv_port if inst.dp_mode == "independent" else inst.kv_port
             env["VLLM_NIXL_SIDE_CHANNEL_PORT"] = str(port)
     env["VLLM_HOST_IP"] = node.ip  # vLLM-Ascend's Mooncake advertises get_ip()
+    if plan.engine_api_key:
+        # read when --api-key is absent (vllm/entrypoints/serve/middleware/register.py);
+        # a headless node serves no HTTP, so setting it there changes nothing
+        env["VLLM_API_KEY"] = str(plan.engine_api_key)
     env.update(inst.env)
     return env
 
@@ -259,13 +267,18 @@ class VllmBackend(Backend):
     engines = ("vllm-ascend", "vllm")
     emulates = FLAVOURS
     owned_flags = OWNED_FLAGS
-    instance_wide = ("pd_connector",)
+    instance_wide = ("pd_connector", "pd_kv_load_failure_policy")
     dp_modes = ("external", "internal", "independent")
     variables = (
         Variable("pd_connector", None, "instance", "KV connector: MooncakeConnectorV1 "
                  "(vllm-ascend default) or MooncakeHybridConnector; NixlConnector (vllm). Its "
                  "KV ports: Mooncake base + rank * tp (+ tp worker), NIXL base + rank; "
                  "defaults 36000 (Mooncake), 5600 (NIXL)."),
+        Variable("pd_kv_load_failure_policy", None, "instance", "What a decode engine does "
+                 "when loading a request's KV from the prefill fails (kv_transfer_config "
+                 "kv_load_failure_policy, vLLM 0.23 and 0.33): fail (the request ends with "
+                 "an error) | recompute (the decode prefills it locally). Unset: vLLM's "
+                 "default, fail, and the field is not sent. Sent to D instances only."),
         Variable("pd_model_is_mla", False, "cluster", "The model uses MLA: lifts the rule that "
                  "prefill tp must be a multiple of decode tp (Mooncake)."),
         Variable("pd_model_is_moe", True, "cluster", "The model is a mixture of experts. "
@@ -299,7 +312,8 @@ class VllmBackend(Backend):
             r.fail("pd_connector", f"{connector!r} is not planned for {flavour}: {why}; use "
                    f"{' or '.join(CONNECTORS[flavour])}")
             return None
-        return {"flavour": flavour, "connector": connector}
+        policy = r.text("pd_kv_load_failure_policy", KV_LOAD_FAILURE_POLICIES)
+        return {"flavour": flavour, "connector": connector, "kv_load_failure_policy": policy}
 
     def kv_port_base(self, inst: Instance) -> int | None:
         return 5600 if inst.opts["flavour"] == "vllm" else 36000

@@ -265,7 +265,8 @@ async function completions(r) {
 // tends to count the whole prompt as cached. SSE events are rewritten only
 // when they carry "usage"; other bytes pass through unchanged, as they come.
 
-var U = {init: false, pre: null, sse: false, carry: null, chunks: null, active: true};
+var U = {init: false, pre: null, sse: false, carry: null, chunks: null, active: true,
+         done: false};
 var USAGE_KEY = '"usage"';
 
 function usageHeaders(r) {
@@ -345,9 +346,18 @@ function usageBody(r, data, flags) {
     if (!U.init) {
         usageHeaders(r);
     }
+    if (!data.length && !flags.last && upstreamEnded(r)) {
+        // the decode stream ended early (see decodeFilter)
+        U.carry = null;
+        decodeLost(r, U.sse && r.status === 200, U.done, data, flags);
+        return;
+    }
     if (!U.active) {
+        // pass-through: keep watching for the early end (no r.done())
+        if (U.sse && !U.done && data.indexOf(DONE_MARK) >= 0) {
+            U.done = true;
+        }
         r.sendBuffer(data, flags);
-        r.done();
         return;
     }
     if (!U.sse) {
@@ -368,8 +378,12 @@ function usageBody(r, data, flags) {
     // for the rest (an event is not usable before its end anyway).
     var buf = U.carry ? Buffer.concat([U.carry, data]) : data;
     var cut = flags.last ? buf.length : buf.lastIndexOf(10) + 1;
-    U.carry = cut < buf.length ? buf.slice(cut) : null;
+    // a copy: `data` may point into nginx's upstream buffer, reused by the next read
+    U.carry = cut < buf.length ? Buffer.from(buf.slice(cut)) : null;
     var out = cut === buf.length ? buf : buf.slice(0, cut);
+    if (!U.done && out.indexOf(DONE_MARK) >= 0) {
+        U.done = true;
+    }
     if (out.length && out.indexOf(USAGE_KEY) >= 0) {
         var text = fixSseText(out.toString());
         if (text !== null) {
@@ -379,4 +393,75 @@ function usageBody(r, data, flags) {
     r.sendBuffer(out, flags);
 }
 
-export default {completions, usageHeaders, usageBody};
+// ---------------------------------------------------------------- early end of decode
+//
+// nginx 1.22 (proxy_buffering off): when the decode engine's connection ends before
+// its response does (the engine died or closed it, or proxy_read_timeout), nginx logs
+// "upstream prematurely closed connection" (or "timed out"), sends the body filters
+// one empty buffer without `last` (a flush) and closes the client's connection: the
+// client would see its chunked body cut short, with no end. Empty buffers without
+// `last` also come mid-stream (a read that ends just after a chunk-size line), but
+// then the attempt's $upstream_response_time is still "-": nginx sets it when it
+// finalizes the upstream, just before that flush (or before the `last` buffer of a
+// normal end). Empty + not last + time set = that event (checked on nginx 1.22.1 /
+// njs 0.7.9, with real engines killed and with split reads). For an SSE
+// stream the filter then sends a complete error event and "data: [DONE]" with
+// `last`: the client gets a well-formed end of stream. $pd_stream_error (access log,
+// pd_proxy_stream_errors_total) records it. A non-SSE body cannot be repaired (its
+// head is sent): it stays cut short. The filter holds back an incomplete last line
+// (an event is not usable before its end anyway) so the error event never lands
+// inside a half-sent one.
+
+var D = {init: false, sse: false, carry: null, done: false};
+var DONE_MARK = 'data: [DONE]';
+var LOST_EVENT = 'data: ' + JSON.stringify({error: {
+    message: 'the decode engine stopped before the end of the response '
+        + '(engine lost or timed out mid-stream)',
+    type: 'BadGatewayError', param: null, code: 502}}) + '\n\ndata: [DONE]\n\n';
+
+function upstreamEnded(r) {
+    // the last attempt's $upstream_response_time: "-" until nginx finalizes it
+    var t = r.variables.upstream_response_time || '-';
+    return t.charCodeAt(t.length - 1) !== 45;
+}
+
+function decodeLost(r, sse, done, data, flags) {
+    if (done) {
+        // the client already has the whole stream: end it normally
+        r.sendBuffer('', {last: true});
+        return;
+    }
+    r.variables.pd_stream_error = 'decode_lost';
+    if (sse) {
+        r.sendBuffer(LOST_EVENT, {last: true});
+    } else {
+        r.sendBuffer(data, flags);
+    }
+}
+
+function decodeFilter(r, data, flags) {
+    if (!D.init) {
+        D.init = true;
+        D.sse = r.status === 200
+            && String(r.headersOut['Content-Type'] || '').indexOf('text/event-stream') >= 0;
+    }
+    if (!data.length && !flags.last && upstreamEnded(r)) {
+        D.carry = null;
+        decodeLost(r, D.sse, D.done, data, flags);
+        return;
+    }
+    if (!D.sse || D.done) {
+        r.sendBuffer(data, flags);
+        return;
+    }
+    var buf = D.carry ? Buffer.concat([D.carry, data]) : data;
+    var cut = flags.last ? buf.length : buf.lastIndexOf(10) + 1;
+    D.carry = cut < buf.length ? Buffer.from(buf.slice(cut)) : null;
+    var out = cut === buf.length ? buf : buf.slice(0, cut);
+    if (out.indexOf(DONE_MARK) >= 0) {
+        D.done = true;
+    }
+    r.sendBuffer(out, flags);
+}
+
+export default {completions, usageHeaders, usageBody, decodeFilter};

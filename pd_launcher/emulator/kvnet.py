@@ -60,10 +60,12 @@ class KVServer:
     """The KV listener of one DP rank (the port the real connector would use)."""
 
     def __init__(self, rank: int, engine_id: str, store: BlockStore, timeout_s: float,
-                 corrupt: Callable[[], bool], record: Callable[[str], None]) -> None:
+                 corrupt: Callable[[], bool], record: Callable[[str], None],
+                 cut: Optional[Callable[[], bool]] = None) -> None:
         self.rank, self.engine_id, self.store = rank, engine_id, store
         self.timeout_s = timeout_s
         self.corrupt = corrupt  # fault injection: flip a byte of this pull?
+        self.cut = cut  # fault injection: cut this pull's connection at once?
         self.record = record  # outcome -> metrics
         self.server: Optional[asyncio.AbstractServer] = None
         self.active = 0
@@ -74,6 +76,12 @@ class KVServer:
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.active += 1
         try:
+            if self.cut is not None and self.cut():
+                # the P->D link is cut: no byte answered, the connection dropped (the
+                # decode's pull fails with protocol_error); the blocks stay held
+                self.record("cut")
+                writer.transport.abort()
+                return
             await asyncio.wait_for(self._serve(reader, writer), self.timeout_s)
         except KVError as exc:
             self.record(exc.cause)

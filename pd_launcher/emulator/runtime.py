@@ -176,7 +176,8 @@ class Runtime:
                 assert eng.store is not None and eng.engine_id is not None
                 srv = KVServer(rank, eng.engine_id, eng.store, self.lat.kv_timeout_s,
                                lambda: self.faults.roll(self.faults.kv_corrupt_rate),
-                               self._kv_outcome(rank))
+                               self._kv_outcome(rank),
+                               cut=lambda: self.faults.roll(self.faults.kv_cut_rate))
                 await srv.start(bind(self.kv_bind_host, port, "KV"))
                 self.kv_servers.append(srv)
         except StartupError as exc:

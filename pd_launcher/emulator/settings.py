@@ -118,10 +118,11 @@ class Faults:
     hang: bool = False  # accept /v1 requests but never answer
     slow_start_s: float = 0.0  # extra start-up delay on top of PD_EMU_STARTUP_S
     kv_corrupt_rate: float = 0.0  # fraction of served KV pulls with a flipped byte
+    kv_cut_rate: float = 0.0  # fraction of KV pull connections cut at once (P->D link cut)
     seed: Optional[int] = None
     rng: random.Random = field(default_factory=random.Random, repr=False, compare=False)
 
-    RUNTIME_KEYS = ("error_rate", "exit_after", "hang", "kv_corrupt_rate")
+    RUNTIME_KEYS = ("error_rate", "exit_after", "hang", "kv_corrupt_rate", "kv_cut_rate")
 
     def __post_init__(self) -> None:
         if self.seed is not None:
@@ -155,7 +156,9 @@ class Faults:
     def from_env(cls, env: Mapping[str, str]) -> Faults:
         error_rate = _num(env, "PD_EMU_ERROR_RATE", 0.0)
         corrupt = _num(env, "PD_EMU_KV_CORRUPT_RATE", 0.0)
-        for name, value in (("PD_EMU_ERROR_RATE", error_rate), ("PD_EMU_KV_CORRUPT_RATE", corrupt)):
+        cut = _num(env, "PD_EMU_KV_CUT_RATE", 0.0)
+        for name, value in (("PD_EMU_ERROR_RATE", error_rate), ("PD_EMU_KV_CORRUPT_RATE", corrupt),
+                            ("PD_EMU_KV_CUT_RATE", cut)):
             if value > 1:
                 raise SettingsError(f"{name} must be between 0 and 1")
         seed_raw = env.get("PD_EMU_SEED", "").strip()
@@ -165,6 +168,7 @@ class Faults:
             hang=_flag(env, "PD_EMU_HANG"),
             slow_start_s=_num(env, "PD_EMU_SLOW_START_S", 0.0),
             kv_corrupt_rate=corrupt,
+            kv_cut_rate=cut,
             seed=_int(env, "PD_EMU_SEED", 0) if seed_raw else None,
         )
 

@@ -87,6 +87,7 @@ class Backend:
         self.health_ok = True
         self.usage_bug = True             # decode reports the whole prompt as cached
         self.split_writes = False         # send every SSE event in two pieces
+        self.cut_after: int | None = None  # streams: drop the connection after n events
         self.runner = None
 
     @property
@@ -195,6 +196,14 @@ class Backend:
 
         chat = request.path.endswith("/chat/completions")
         n = int(body.get("max_tokens") or body.get("max_completion_tokens") or self.tokens)
+        if not body.get("stream") and self.cut_after is not None:
+            # a JSON answer cut after its head and a first piece (chunked)
+            resp = web.StreamResponse(status=200, headers={"Content-Type": "application/json"})
+            await resp.prepare(request)
+            await resp.write(b'{"id": "cmpl-cut", "choices": [')
+            await asyncio.sleep(0.05)
+            request.transport.abort()
+            return resp
         if not body.get("stream"):
             text = "".join(f"t{i} " for i in range(n))
             choice = ({"index": 0, "message": {"role": "assistant", "content": text},
@@ -213,6 +222,11 @@ class Backend:
                 ev = {"id": f"cmpl-{rid}", "object": "chunk", "choices": [delta]}
                 self.chunk_times.append(time.monotonic())
                 await resp.write(b"data: " + json.dumps(ev).encode() + b"\n\n")
+                if self.cut_after is not None and i + 1 >= self.cut_after:
+                    # the engine dies mid-stream: the connection ends, no last chunk
+                    await asyncio.sleep(0.05)
+                    request.transport.abort()
+                    return resp
                 if i == 0 and self.gate is not None:
                     while not self.gate.is_set():
                         await asyncio.sleep(0.01)
@@ -268,10 +282,11 @@ def backends(aloop):
 
 class Proxy:
     def __init__(self, tmp: Path, prefill: list[str] | None, decode: list[str] | None,
-                 options: dict, agent: bool = True, router: list[str] | None = None):
+                 options: dict, agent: bool = True, router: list[str] | None = None,
+                 host: str | None = None):
         from pd_deploy.proxy_config import proxy_unit
 
-        self.host = PROXY_HOST
+        self.host = host or PROXY_HOST
         self.port = free_port(self.host)
         opts = {"admin_port": free_port(self.host), "active_health": False}
         opts.update(options)
@@ -386,6 +401,86 @@ def proxy_factory(tmp_path):
     yield make
     for px in made:
         px.stop()
+
+
+# ------------------------------------------------------------------ emulated engines
+
+
+def emu_kv_config(role: str, port: int, engine_id: str, **extra) -> str:
+    return json.dumps({"kv_connector": "MooncakeConnectorV1", "kv_role": role,
+                       "kv_port": port, "engine_id": engine_id,
+                       "kv_connector_extra_config": {"prefill": {"dp_size": 1, "tp_size": 1},
+                                                     "decode": {"dp_size": 1, "tp_size": 1}},
+                       **extra})
+
+
+class EmuEngine:
+    """A real emulated vLLM engine process (`python -m pd_launcher.emulator serve`)."""
+
+    def __init__(self, name: str, host: str, role: str, logdir: Path,
+                 env: dict | None = None, kv: dict | None = None,
+                 model: str = "demo-model"):
+        self.name, self.host = name, host
+        self.port = free_port(host)
+        kv_port = free_port(host)
+        argv = [sys.executable, "-m", "pd_launcher.emulator", "serve", "/models/demo",
+                "--host", host, "--port", str(self.port), "--served-model-name", model,
+                "--max-num-seqs", "64", "--kv-transfer-config",
+                emu_kv_config(role, kv_port, f"{name}-{kv_port}", **(kv or {}))]
+        e = dict(os.environ, PYTHONPATH=str(REPO), PD_EMU_ZERO_LATENCY="1")
+        e.pop("VLLM_NIXL_SIDE_CHANNEL_PORT", None)
+        e.update(env or {})
+        self.log = logdir / f"{name}.log"
+        self.proc = subprocess.Popen(argv, stdout=self.log.open("wb"),
+                                     stderr=subprocess.STDOUT, env=e, cwd=str(REPO))
+
+    @property
+    def addr(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def wait_ready(self, timeout: float = 20) -> EmuEngine:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"{self.name} exited:\n{self.log.read_text()}")
+            try:
+                if http("GET", f"http://{self.addr}/health", timeout=1)[0] == 200:
+                    return self
+            except OSError:
+                pass
+            time.sleep(0.05)
+        raise AssertionError(f"{self.name} not ready:\n{self.log.read_text()}")
+
+    def metrics(self) -> dict:
+        return parse_metrics(http("GET", f"http://{self.addr}/metrics")[2].decode())
+
+    def kill(self) -> None:
+        """SIGKILL: the process dies at once, the kernel closes its sockets."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(5)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
+def proxy_metrics(px: Proxy, name: str, want: float | None = None, timeout: float = 5.0,
+                  **labels) -> float:
+    """A proxy metric; with `want`, waits until it reaches that value (the agent
+    tails the access log)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        m = parse_metrics(http("GET", px.url + "/metrics")[2].decode())
+        v = metric(m, name, **labels)
+        if want is None or v >= want or time.monotonic() > deadline:
+            return v
+        time.sleep(0.1)
 
 
 # ------------------------------------------------------------------ clients

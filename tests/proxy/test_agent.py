@@ -79,6 +79,25 @@ def test_metrics_text_parses_and_counts(tmp_path):
     json.dumps(hv)
 
 
+def test_stream_errors_and_rejections_counted(tmp_path):
+    cfg = {"listen": "127.0.0.1:0", "access_log": str(tmp_path / "a.log"),
+           "pid_path": "", "upstreams_path": "", "pools": POOLS, "fail_timeout_s": 10,
+           "max_fails": 1, "health": {"enabled": False, "path": "/health", "interval_s": 5,
+                                      "timeout_s": 2, "fails": 2, "passes": 1}}
+    a = Agent(cfg)
+    a.metrics.add(line(stream_error="", inflight_limit="PASSED"), 1.0)
+    a.metrics.add(line(stream_error="decode_lost", inflight_limit="PASSED"), 1.0)
+    for _ in range(3):
+        a.metrics.add(line(status=429, mode="-", prefill_upstream="", decode_upstream="",
+                           prefill_status="", decode_status="", stream_error="",
+                           inflight_limit="REJECTED"), 1.0)
+    a.metrics.add(line(), 1.0)                 # older log lines: no such fields
+    m = parse_metrics(a.metrics_text())
+    assert metric(m, "pd_proxy_stream_errors_total") == 1
+    assert metric(m, "pd_proxy_rejected_total", reason="max_inflight") == 3
+    assert metric(m, "pd_proxy_requests_total", route="/v1/completions", status="429") == 3
+
+
 # ------------------------------------------------------------------ router mode
 
 ROUTER_POOLS = {"router": {"name": "pd_router", "servers": ["10.0.0.7:9", "10.0.0.8:9"]}}

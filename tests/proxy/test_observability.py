@@ -18,7 +18,8 @@ LOG_FIELDS = {
     "decode_upstream": str, "decode_status": str, "prefill_time": (float, int, type(None)),
     "decode_ttfb": (float, int, type(None)), "decode_time": (float, int, type(None)),
     "total_time": (float, int), "bytes_sent": int, "request_length": int,
-    "prefill_retries": int, "decode_retries": int, "retries": int, "client": str,
+    "prefill_retries": int, "decode_retries": int, "retries": int, "stream_error": str,
+    "inflight_limit": str, "client": str,
 }
 
 

@@ -43,7 +43,7 @@ def files(unit) -> dict:
 def test_contract_shape(tmp_path):
     d = dirs(tmp_path)
     u = proxy_unit(BLOCK, d)
-    assert set(u) == {"files", "pre_start", "processes", "checks"}
+    assert set(u) == {"files", "pre_start", "processes", "checks", "logs"}
     fs = files(u)
     assert set(fs) == {"nginx.conf", "pd_router.js", "pd_upstreams.conf", "proxy_agent.json"}
     for f in u["files"]:

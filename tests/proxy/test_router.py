@@ -294,7 +294,7 @@ def test_access_log_and_metrics(routers, proxy_factory):
                              "other"}
     keys = {"time", "request_id", "route", "method", "status", "mode", "upstream",
             "upstream_status", "upstream_ttfb", "upstream_time", "total_time",
-            "bytes_sent", "request_length", "retries", "client"}
+            "bytes_sent", "request_length", "retries", "inflight_limit", "client"}
     for x in lines:
         assert set(x) == keys
     for route in ("/v1/completions", "/v1/chat/completions"):

@@ -40,7 +40,7 @@ def files(unit) -> dict:
 def test_contract_shape(tmp_path):
     d = dirs(tmp_path)
     u = proxy_unit(block(), d)
-    assert set(u) == {"files", "pre_start", "processes", "checks"}
+    assert set(u) == {"files", "pre_start", "processes", "checks", "logs"}
     fs = files(u)
     # no njs: no script, no module to load, nothing for the launcher to check
     assert set(fs) == {"nginx.conf", "pd_upstreams.conf", "proxy_agent.json"}

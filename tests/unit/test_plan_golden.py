@@ -188,4 +188,6 @@ def test_kv_rank_and_buffer_device_are_never_sent():
 
 def test_api_key_goes_to_engines_not_headless():
     specs = node_specs(build_plan(*mutate(small(), pd_engine_api_key="s3cret")))
-    assert flag(specs["p1"]["P"]["processes"][0]["argv"], "--api-key") == "s3cret"
+    # in the environment (VLLM_API_KEY), never in argv: argv shows in `ps`
+    proc = specs["p1"]["P"]["processes"][0]
+    assert flag(proc["argv"], "--api-key") is None and proc["env"]["VLLM_API_KEY"] == "s3cret"
