@@ -126,8 +126,12 @@ def pd_status_table(plan: Mapping[str, Any], hostvars: Mapping[str, Any]) -> lis
                 if not res.get("skipped"):
                     units[res["item"]] = res
         containers = _containers(hv.get("pd_status_containers") if hasattr(hv, "get") else None)
+        reach = hv.get("pd_status_reach") if hasattr(hv, "get") else None
         for name, spec in by_role.items():
-            rows.append(unit_row(host, name, spec, units.get(name), containers, runtime))
+            row = unit_row(host, name, spec, units.get(name), containers, runtime)
+            if (reach or {}).get("unreachable"):  # status.yml could not reach the host
+                row.update(state="unreachable", health="-", uptime="-")
+            rows.append(row)
     lines = format_table(rows)
     for host in plan["specs"]:
         hv = hostvars[host]
