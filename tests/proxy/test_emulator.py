@@ -3,17 +3,12 @@ serve`, KV really moved from prefill to decode over TCP)."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
 from tests.proxy.harness import (
-    REPO,
-    free_port,
+    EmuEngine,
     http,
     metric,
     needs_nginx,
@@ -31,59 +26,6 @@ D_HOST = "127.0.1.135"
 MODEL = "demo-model"
 
 
-def kv_config(role: str, port: int, engine_id: str) -> str:
-    return json.dumps({"kv_connector": "MooncakeConnectorV1", "kv_role": role, "kv_port": port,
-                       "engine_id": engine_id,
-                       "kv_connector_extra_config": {"prefill": {"dp_size": 1, "tp_size": 1},
-                                                     "decode": {"dp_size": 1, "tp_size": 1}}})
-
-
-class Engine:
-    def __init__(self, name: str, host: str, role: str, logdir: Path, env: dict | None = None):
-        self.name, self.host = name, host
-        self.port = free_port(host)
-        kv_port = free_port(host)
-        argv = [sys.executable, "-m", "pd_launcher.emulator", "serve", "/models/demo",
-                "--host", host, "--port", str(self.port), "--served-model-name", MODEL,
-                "--max-num-seqs", "64", "--kv-transfer-config",
-                kv_config(role, kv_port, f"{name}-{kv_port}")]
-        e = dict(os.environ, PYTHONPATH=str(REPO), PD_EMU_ZERO_LATENCY="1")
-        e.pop("VLLM_NIXL_SIDE_CHANNEL_PORT", None)
-        e.update(env or {})
-        self.log = logdir / f"{name}.log"
-        self.proc = subprocess.Popen(argv, stdout=self.log.open("wb"),
-                                     stderr=subprocess.STDOUT, env=e, cwd=str(REPO))
-
-    @property
-    def addr(self) -> str:
-        return f"{self.host}:{self.port}"
-
-    def wait_ready(self, timeout: float = 20) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"{self.name} exited:\n{self.log.read_text()}")
-            try:
-                if http("GET", f"http://{self.addr}/health", timeout=1)[0] == 200:
-                    return
-            except OSError:
-                pass
-            time.sleep(0.05)
-        raise AssertionError(f"{self.name} not ready:\n{self.log.read_text()}")
-
-    def metrics(self) -> dict:
-        return parse_metrics(http("GET", f"http://{self.addr}/metrics")[2].decode())
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-
-
 @pytest.fixture(scope="module")
 def engines(tmp_path_factory):
     try:
@@ -91,10 +33,10 @@ def engines(tmp_path_factory):
     except ImportError as e:  # pragma: no cover
         pytest.skip(f"emulator not importable: {e}")
     logdir = tmp_path_factory.mktemp("emu")
-    es = {"p": Engine("prefill", P_HOSTS[0], "kv_producer", logdir),
-          "bad": Engine("prefill-bad", P_HOSTS[1], "kv_producer", logdir,
+    es = {"p": EmuEngine("prefill", P_HOSTS[0], "kv_producer", logdir),
+          "bad": EmuEngine("prefill-bad", P_HOSTS[1], "kv_producer", logdir,
                         env={"PD_EMU_ERROR_RATE": "1"}),
-          "d": Engine("decode", D_HOST, "kv_consumer", logdir)}
+          "d": EmuEngine("decode", D_HOST, "kv_consumer", logdir)}
     try:
         for e in es.values():
             e.wait_ready()
