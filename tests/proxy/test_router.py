@@ -287,8 +287,14 @@ def test_access_log_and_metrics(routers, proxy_factory):
     assert post(px.url + "/v1/chat/completions", dict(CHAT, stream=True))[0] == 200
     assert http("GET", px.url + "/v1/models")[0] == 200
     assert http("GET", px.url + "/nope")[0] == 404
-    lines = px.log_lines(4)
-    # (the readiness probe /health/agent is an "other" line too)
+    # the readiness probe /health/agent is an "other" line too, so a count of lines can
+    # be reached before the 404's line is written: wait for that line itself
+    deadline = time.monotonic() + 5
+    lines = px.log_lines()
+    while not any(x["status"] == 404 for x in lines):
+        assert time.monotonic() < deadline, lines
+        time.sleep(0.05)
+        lines = px.log_lines()
     by_route = {x["route"]: x for x in lines if x["route"] != "other" or x["status"] == 404}
     assert set(by_route) >= {"/v1/completions", "/v1/chat/completions", "/v1/models",
                              "other"}
