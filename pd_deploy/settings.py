@@ -111,6 +111,17 @@ CORE: tuple[Variable, ...] = (
     _v("pd_base_dir", None, "host", "Per-node directory for state, logs and run files. "
        "Default /var/lib/pd-deploy/<pd_cluster_name>."),
     _v("pd_grace_seconds", 30, "host", "SIGTERM -> SIGKILL grace period when stopping."),
+    _v("pd_restart_policy", "on-failure", "host", "What a unit's launcher does when one "
+       "of its processes exits on its own: on-failure: stop the unit's whole set, wait a "
+       "backoff (1 s, doubling per restart, at most pd_restart_backoff_max_s) and start it "
+       "again; status shows the restarts | never: stop the set and leave the unit failed "
+       "until site.yml runs again."),
+    _v("pd_restart_max", 5, "host", "Restarts allowed within pd_restart_window_s; one more "
+       "crash and the unit is left failed (0: never restart)."),
+    _v("pd_restart_window_s", 600, "host", "Window (seconds) over which pd_restart_max "
+       "counts restarts; the backoff also starts again from 1 s once the restarts before "
+       "it are older than this."),
+    _v("pd_restart_backoff_max_s", 30, "host", "Longest wait (seconds) before a restart."),
     _v("pd_engine_api_key", None, "cluster", "API key of the engines (--api-key); the proxy "
        "sends it. Optional; never logged."),
     _v("pd_proxy_api_key", None, "proxy", "API key clients must send to the proxy. Optional; "

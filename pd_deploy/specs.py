@@ -16,6 +16,7 @@ them with. `python -m pd_deploy.specs` prints the example of docs/node-spec.md.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from typing import Any, Iterable
 
 from pd_deploy.engines.base import PHASES, FrontDoor, Service
@@ -100,6 +101,7 @@ def engine_spec_base(plan: ClusterPlan, node: Node,
         files=as_files(files, where),
         pre_start=[list(a) for a in pre_start or []],
         processes=as_processes(processes, where),
+        restart=node.restart,
     )
 
 
@@ -125,6 +127,7 @@ def service_spec(plan: ClusterPlan, proxy: ProxyHost, svc: Service) -> NodeSpec:
         pre_start=[list(a) for a in svc.pre_start],
         processes=as_processes(svc.processes, where),
         gate=svc.gate,
+        restart=proxy.restart,
     )
 
 
@@ -180,6 +183,7 @@ def proxy_spec(plan: ClusterPlan, proxy: ProxyHost) -> NodeSpec:
         processes=as_processes(unit["processes"], where),
         proxy=block,
         logs=LogPolicy(files=list((unit.get("logs") or {}).get("files") or [])),
+        restart=proxy.restart,
     )
 
 
@@ -209,6 +213,8 @@ def unit_specs(plan: ClusterPlan) -> dict[str, dict[str, NodeSpec]]:
         spec = plan.backend.node_spec(plan, node)
         if not isinstance(spec, NodeSpec):  # a backend that still builds the dict
             spec = _checked(plan, spec, f"{node.host}/{node.role}")
+        if spec.restart is None:  # a backend that builds its NodeSpec by itself
+            spec = replace(spec, restart=node.restart)
         specs.setdefault(node.host, {})[node.role] = spec
     by_host = {p.host: p for p in plan.proxies}
     svcs = services(plan)
@@ -307,6 +313,7 @@ _NOTES: dict[tuple[Any, ...], str] = {
     ("processes", 0, "ready"): "http: GET url == 200 (optional headers) | tcp",
     ("processes", 0, "dp_ranks"): "informative: global DP ranks it serves",
     ("proxy",): "C only: the front door block (below)",
+    ("restart",): "pd_restart_*: restart of the set after a crash",
 }
 
 

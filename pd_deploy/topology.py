@@ -23,6 +23,7 @@ from pd_deploy.settings import (
     declared,
     unknown_variable,
 )
+from pd_launcher.launcher.spec import RESTART_POLICIES, RestartPolicy
 
 if TYPE_CHECKING:  # pragma: no cover (the backends import this module)
     from pd_deploy.engines.base import Backend
@@ -59,6 +60,7 @@ class Node:
     python: str
     base_dir: str
     grace: int
+    restart: RestartPolicy | None = None  # pd_restart_* of the host
 
 
 @dataclass
@@ -96,6 +98,7 @@ class ProxyHost:
     python: str
     base_dir: str
     grace: int
+    restart: RestartPolicy | None = None  # pd_restart_* of the host
 
     @property
     def listen(self) -> str:
@@ -477,6 +480,7 @@ def _instance(
             instance=name, master=master, devices=devices, nic=m.r.text("nic"),
             start_rank=start, ranks=ranks, python=m.r.text("pd_python") or "python3",
             base_dir=_base_dir(m.r), grace=m.r.integer("pd_grace_seconds", 0, 3600) or 0,
+            restart=restart_policy(m.r),
         )
         inst_hosts.append(m.host)
         start += local_n
@@ -533,7 +537,23 @@ def _proxy_host(host: str, r: Reader, ip: str | None) -> ProxyHost | None:
     return ProxyHost(host=host, ip=ip, bind=r.ip("pd_bind_host") or ip, port=port,
                      admin_port=admin or port + 1,
                      python=r.text("pd_python") or "python3", base_dir=_base_dir(r),
-                     grace=r.integer("pd_grace_seconds", 0, 3600) or 0)
+                     grace=r.integer("pd_grace_seconds", 0, 3600) or 0,
+                     restart=restart_policy(r))
+
+
+def restart_policy(r: Reader) -> RestartPolicy:
+    """The host's pd_restart_* knobs (the launcher's `restart` block; errors name the
+    host and the variable)."""
+    out = RestartPolicy(policy="on-failure")
+    policy = r.text("pd_restart_policy", RESTART_POLICIES)
+    count = r.integer("pd_restart_max", 0, 1000)
+    window = r.integer("pd_restart_window_s", 1, 7 * 86400)
+    backoff_max = r.integer("pd_restart_backoff_max_s", 1, 3600)
+    return RestartPolicy(
+        policy=policy or out.policy, max=out.max if count is None else count,
+        window_s=out.window_s if window is None else window,
+        backoff_s=out.backoff_s,
+        backoff_max_s=out.backoff_max_s if backoff_max is None else backoff_max)
 
 
 def proxy_options(r: Reader) -> dict[str, Any]:

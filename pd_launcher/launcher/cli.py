@@ -18,8 +18,10 @@ directory moves the run directory along to <state-dir>/run unless --run-dir is g
 
 Exit codes:
     0  ok; clean stop; nothing to stop; --check passed; wait: all ready
-    1  a supervised child exited (its siblings were stopped); wait: the launcher is gone;
-       stop: something recorded could not be stopped
+    1  a supervised child exited (its siblings were stopped) and no restart is left
+       (spec restart.policy never or absent, or restart.max used up within
+       restart.window_s); wait: the launcher is gone; stop: something recorded could
+       not be stopped
     2  usage error or invalid node spec (messages name the field)
     3  node check failed: port busy, path/device/command missing, NIC not found,
        a file could not be written, pre_start failed; nothing was started

@@ -12,6 +12,11 @@ launcher has stopped or failed (checked only when --state-dir is given or the sp
 state dir exists; a missing state file just means "not started yet", and a state
 file older than the `wait` itself gets STALE_GRACE seconds to be replaced by a
 launcher that is just starting).
+
+A launcher restarting its set after a crash (status ``restarting``, see the spec's
+``restart``) is neither ready nor failed: `wait` keeps waiting, and every process
+has to be ready again after the restart (probes that passed before it, or while it
+was under way, no longer count).
 """
 from __future__ import annotations
 
@@ -76,6 +81,24 @@ def _gone_reason(state: Dict[str, Any]) -> Optional[str]:
     return None
 
 
+def restart_mark(state_dir: Optional[str]) -> Tuple[Optional[str], int]:
+    """(status, restarts) of the state file; (None, 0) without one. Old state files
+    have no `restarts` (0)."""
+    if not state_dir:
+        return None, 0
+    try:
+        state = read_state(state_dir)
+    except (OSError, ValueError):
+        return None, 0
+    if not state:
+        return None, 0
+    try:
+        restarts = int(state.get("restarts") or 0)
+    except (TypeError, ValueError):
+        restarts = 0
+    return state.get("status"), restarts
+
+
 def running_per_state(state_dir: Optional[str], name: str) -> Tuple[bool, str]:
     """Readiness of a process without a probe: the launcher says it is running."""
     if not state_dir:
@@ -103,6 +126,7 @@ def wait_ready(spec: NodeSpec, timeout: float, interval: float, log_dir: Optiona
     pending: Dict[str, Process] = {p.name: p for p in spec.processes}
     last: Dict[str, str] = {}
     workers = max(1, min(16, len(pending)))
+    restarts_seen = restart_mark(state_dir)[1]
     with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
         while True:
             gone = launcher_gone(state_dir, since)
@@ -111,19 +135,32 @@ def wait_ready(spec: NodeSpec, timeout: float, interval: float, log_dir: Optiona
                 err.write(f"pd-launcher wait: {gone}; not ready: {names}\n")
                 _tails(pending, log_dir, last, err)
                 return EXIT_CHILD
-            probe_timeout = max(0.2, min(2.0, deadline - time.monotonic()))
-            futures = {name: pool.submit(probe_ready, p.ready, probe_timeout)
-                       for name, p in pending.items() if p.ready is not None}
-            for name in list(pending):
-                if name in futures:
-                    ok, detail = futures[name].result()
-                else:
-                    ok, detail = running_per_state(state_dir, name)
-                last[name] = detail
-                if ok:
-                    out.write(f"ready: {name} ({detail}) after {time.monotonic() - start:.1f}s\n")
+            status, restarts = restart_mark(state_dir)
+            if status == "restarting" or restarts != restarts_seen:
+                # the set is (or was) restarted: what was ready before counts no more
+                if len(pending) < len(spec.processes) or restarts != restarts_seen:
+                    out.write(f"launcher restarting its processes (restart {restarts}); "
+                              "waiting for all of them again\n")
                     out.flush()
-                    del pending[name]
+                pending = {p.name: p for p in spec.processes}
+                restarts_seen = restarts
+                for name in pending:
+                    last[name] = f"launcher {status} (restart {restarts})"
+            if status != "restarting":
+                probe_timeout = max(0.2, min(2.0, deadline - time.monotonic()))
+                futures = {name: pool.submit(probe_ready, p.ready, probe_timeout)
+                           for name, p in pending.items() if p.ready is not None}
+                results = {name: futures[name].result() if name in futures
+                           else running_per_state(state_dir, name) for name in pending}
+                after = restart_mark(state_dir)
+                if after[0] != "restarting" and after[1] == restarts:  # no restart meanwhile
+                    for name, (ok, detail) in results.items():
+                        last[name] = detail
+                        if ok:
+                            out.write(f"ready: {name} ({detail}) after "
+                                      f"{time.monotonic() - start:.1f}s\n")
+                            out.flush()
+                            del pending[name]
             if not pending:
                 out.write(f"all {len(spec.processes)} process(es) ready\n")
                 return EXIT_OK

@@ -106,6 +106,28 @@ class LogPolicy:
 
 
 @dataclass
+class RestartPolicy:
+    """`restart`: what the launcher does when a process of the unit exits on its own.
+
+    `on-failure`: stop the whole set (siblings too), wait a backoff (`backoff_s`,
+    doubling per restart within the window, at most `backoff_max_s`), start the set
+    again; after `max` restarts within `window_s` seconds give up (status failed,
+    exit 1). `never`: give up at once. Absent from a spec: `never` (the launcher's
+    behaviour before the field existed); the planner always writes it
+    (pd_restart_policy, pd_restart_max, pd_restart_window_s, pd_restart_backoff_max_s).
+    """
+
+    policy: str = "never"
+    max: int = 5
+    window_s: float = 600.0
+    backoff_s: float = 1.0
+    backoff_max_s: float = 30.0
+
+
+RESTART_POLICIES = ("on-failure", "never")
+
+
+@dataclass
 class SpecFile:
     path: str
     content: str
@@ -152,6 +174,8 @@ class NodeSpec:
     gate: Optional[Gate] = None
     #: log rotation and the extra log files to rotate; None (absent): the defaults
     logs: Optional[LogPolicy] = None
+    #: restart of the set when a process exits on its own; None (absent): never
+    restart: Optional[RestartPolicy] = None
     #: top-level keys this launcher does not know, kept as they came
     extra: Dict[str, Any] = field(default_factory=dict)
     #: where it was read from and the decoded JSON (never serialised, not compared)
@@ -165,7 +189,7 @@ class NodeSpec:
 # Keys in the order spec_to_dict writes them (unit and phase only when set).
 SPEC_KEYS = ("schema", "cluster", "node", "role", "unit", "phase", "ip", "instance",
              "master", "engine", "base_dir", "dirs", "grace_seconds", "checks", "nic",
-             "files", "pre_start", "processes", "proxy", "gate", "logs")
+             "files", "pre_start", "processes", "proxy", "gate", "logs", "restart")
 PROCESS_KEYS = ("name", "argv", "env", "ports", "ready", "dp_ranks")
 
 
@@ -468,6 +492,7 @@ def parse_spec(raw: Any, source: str = "<spec>") -> NodeSpec:
 
     gate = _parse_gate(v, raw.get("gate"))
     log_policy = _parse_logs(v, raw.get("logs"))
+    restart = _parse_restart(v, raw.get("restart"))
 
     if v.errors:
         raise SpecError(source, v.errors)
@@ -476,7 +501,7 @@ def parse_spec(raw: Any, source: str = "<spec>") -> NodeSpec:
         phase=phase, instance=instance, master=master, engine=engine, base_dir=base_dir,
         dirs=dirs, grace_seconds=grace, check_paths=check_paths, check_devices=check_devices,
         check_commands=check_commands, nic=nic, files=files, pre_start=pre_start,
-        proxy=proxy, gate=gate, logs=log_policy,
+        proxy=proxy, gate=gate, logs=log_policy, restart=restart,
         extra={k: x for k, x in raw.items() if k not in SPEC_KEYS},
         source=source, raw=raw,
     )
@@ -500,6 +525,34 @@ def _parse_logs(v: _V, val: Any) -> Optional[LogPolicy]:
         if not f.startswith("/"):
             v.err(f"logs.files[{i}]", f"must be an absolute path, got {f!r}")
     return LogPolicy(max_bytes=nums["max_bytes"], backups=nums["backups"], files=files)
+
+
+def _parse_restart(v: _V, val: Any) -> Optional[RestartPolicy]:
+    if val is None:
+        return None
+    if not isinstance(val, dict):
+        v.err("restart", "must be an object {policy, max, window_s, backoff_s, "
+              "backoff_max_s} or null")
+        return None
+    out = RestartPolicy()
+    policy = val.get("policy", out.policy)
+    if policy not in RESTART_POLICIES:
+        v.err("restart.policy", "must be one of {}, got {!r}".format(
+            " | ".join(RESTART_POLICIES), policy))
+    else:
+        out.policy = policy
+    count = val.get("max", out.max)
+    if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+        v.err("restart.max", f"must be an integer >= 0, got {count!r}")
+    else:
+        out.max = count
+    for key in ("window_s", "backoff_s", "backoff_max_s"):
+        x = val.get(key, getattr(out, key))
+        if isinstance(x, bool) or not isinstance(x, (int, float)) or x < 0:
+            v.err("restart." + key, f"must be a number >= 0, got {x!r}")
+        else:
+            setattr(out, key, x)
+    return out
 
 
 def _parse_gate(v: _V, val: Any) -> Optional[Gate]:
@@ -563,7 +616,7 @@ def spec_to_dict(spec: NodeSpec) -> Dict[str, Any]:
 
     The one serialiser of the contract. Keys come in SPEC_KEYS order; `unit` and
     `phase` only when set (service units), `dp_ranks` and `ready.headers` only when
-    set, `gate` and `logs` only when set, unknown keys kept from parsing come last.
+    set, `gate`, `logs` and `restart` only when set, unknown keys kept from parsing come last.
     `source` and `raw` never appear.
     parse_spec(spec_to_dict(s)) == s, and spec_to_dict(parse_spec(d)) == d for every
     d in this canonical form (what the planner emits).
@@ -603,6 +656,11 @@ def spec_to_dict(spec: NodeSpec) -> Dict[str, Any]:
     if spec.logs is not None:
         out["logs"] = {"max_bytes": spec.logs.max_bytes, "backups": spec.logs.backups,
                        "files": list(spec.logs.files)}
+    if spec.restart is not None:
+        out["restart"] = {"policy": spec.restart.policy, "max": spec.restart.max,
+                          "window_s": spec.restart.window_s,
+                          "backoff_s": spec.restart.backoff_s,
+                          "backoff_max_s": spec.restart.backoff_max_s}
     out.update(copy.deepcopy(spec.extra))
     return out
 

@@ -4,7 +4,7 @@ Format (schema 1)::
 
     {
       "schema": 1,
-      "status": "starting" | "running" | "stopping" | "failed",
+      "status": "starting" | "running" | "restarting" | "stopping" | "failed",
       "spec": "/abs/path/spec.json",
       "cluster": "demo", "node": "p1a", "role": "P",
       "grace_seconds": 30.0,
@@ -16,11 +16,17 @@ Format (schema 1)::
          "log": "/.../engine-dp0.log", "started_at": 1700000000.0}
       ],
       "failure": null | {"process": "engine-dp0", "status": "exit code 1", "at": 1700000100.0},
+      "restart_policy": "on-failure" | "never",   # the spec's restart.policy
+      "restarts": 0,                              # restarts of the set so far
+      "last_restart": null | 1700000100.2,        # when the last restart began
+      "last_failure": null | {...},               # its cause, shaped like `failure`
+      "next_restart_at": null | 1700000101.2,     # while "restarting"
       "updated_at": 1700000000.0
     }
 
 `argv` and `cmdline` are stored masked (``--api-key ***``): the file holds no secrets.
-`start_time` is field 22 of /proc/PID/stat (clock ticks since boot).
+State files written before the restart fields existed lack them (readers take
+0 / null). `start_time` is field 22 of /proc/PID/stat (clock ticks since boot).
 Reading the file (``read_state``) and the atomic write are in ``pd_launcher.nodeutil``,
 shared with the Ansible modules; they are re-exported here.
 """

@@ -3,8 +3,11 @@
 Signals: SIGTERM, SIGINT and SIGHUP ask for a clean stop (a second one cuts the
 grace period short). SIGCHLD wakes the loop, which reaps every child with
 ``waitpid(-1, WNOHANG)``, including orphans adopted when the launcher is PID 1 in a
-container. When any supervised child exits, its siblings are stopped and the
-launcher exits 1.
+container. When any supervised child exits on its own, its siblings are stopped;
+then, with the spec's restart policy `on-failure`, the launcher waits a backoff
+(status `restarting`; a stop signal ends the wait at once) and starts the whole set
+again, until `restart.max` restarts within `restart.window_s` have been used up;
+otherwise (policy `never`, no `restart` block, or no restart left) it exits 1.
 """
 from __future__ import annotations
 
@@ -28,10 +31,11 @@ from .common import (
     LauncherError,
     describe_status,
     mask_argv,
+    mask_text,
     shell_quote_argv,
     tail_lines,
 )
-from .spec import NodeSpec, Process
+from .spec import NodeSpec, Process, RestartPolicy
 from .state import LOCK_FILE, STATE_DIR_MODE, atomic_write, remove_state, write_state
 from .stop import Target, terminate
 
@@ -45,6 +49,8 @@ PROXY_ENV = ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROX
 PRE_START_TIMEOUT = 300.0
 LOOP_INTERVAL = 1.0
 LOG_TAIL = 20
+#: before a restart, how long the set's ports may take to become bindable again
+RESTART_PORT_WAIT = 5.0
 
 
 def _pdeathsig_preexec():  # -> Optional[Callable[[], None]]
@@ -98,6 +104,14 @@ class Supervisor:
         self.stop_requests = 0
         self.status = "starting"
         self.failure: Optional[Dict[str, Any]] = None
+        # restarts (spec `restart`; absent: never): how many so far, when (monotonic,
+        # for the window), the last one's wall time, cause and the next one's time
+        self.restart = spec.restart or RestartPolicy()
+        self.restarts = 0
+        self.restart_times: List[float] = []
+        self.last_restart: Optional[float] = None
+        self.last_failure: Optional[Dict[str, Any]] = None
+        self.next_restart_at: Optional[float] = None
         self._wake_r = -1
         self._wake_w = -1
         self._old_handlers: Dict[int, Any] = {}
@@ -152,6 +166,11 @@ class Supervisor:
                 for c in self.children
             ],
             "failure": self.failure,
+            "restart_policy": self.restart.policy,
+            "restarts": self.restarts,
+            "last_restart": self.last_restart,
+            "last_failure": self.last_failure,
+            "next_restart_at": self.next_restart_at,
         }
 
     def save_state(self) -> None:
@@ -329,6 +348,8 @@ class Supervisor:
         if self.failure is None:  # the first one to exit is the cause
             self.failure = {"process": child.proc.name, "pid": child.pid, "status": status,
                             "at": time.time()}
+            if self.restarts:
+                self.failure["restarts"] = self.restarts
         tail = tail_lines(child.log_path, LOG_TAIL)
         self.log.error("process %s (pid %d) exited: %s; last %d lines of %s:\n%s",
                        child.proc.name, child.pid, status, len(tail), child.log_path,
@@ -353,27 +374,9 @@ class Supervisor:
         if dropped:
             self.log.info("not passing %s to the processes (set in a process's env to pass it)",
                           ", ".join(dropped))
-        code = EXIT_OK
-        try:
-            try:
-                if self.spec.dirs.get("run"):
-                    os.makedirs(self.spec.dirs["run"], exist_ok=True)
-                self.write_files()
-            except OSError as exc:
-                raise LauncherError(f"cannot write spec files: {exc}", EXIT_NODE) from exc
-            self.run_pre_start()
-            self.start_all()
-        except LauncherError as exc:
-            self.log.error("%s", exc)
-            code = exc.code
-            self.failure = {"process": None, "status": "start failed", "error": str(exc),
-                            "at": time.time()}
+        code = self.start_set("start failed")
         if code == EXIT_OK and not self.stop_requests:
-            self.status = "running"
-            self.save_state()
-            self.log.info("running %d process(es) of %s/%s role %s", len(self.children),
-                          self.spec.cluster, self.spec.node, self.spec.role)
-            code = self.supervise()
+            code = self.run_and_restart()
         if self.stop_requests and code == EXIT_OK:
             self.log.info("stop requested")
         self.status = "stopping" if code == EXIT_OK else "failed"
@@ -390,6 +393,124 @@ class Supervisor:
             self.save_state()  # keeps status "failed" and the failure for `wait`/`status`
             self.log.info("all processes stopped; exiting with code %d", code)
         return code
+
+    def start_set(self, what: str) -> int:
+        """Files, pre_start, every process; on an error record `failure` (status `what`)
+        and return its exit code."""
+        try:
+            try:
+                if self.spec.dirs.get("run"):
+                    os.makedirs(self.spec.dirs["run"], exist_ok=True)
+                self.write_files()
+            except OSError as exc:
+                raise LauncherError(f"cannot write spec files: {exc}", EXIT_NODE) from exc
+            self.run_pre_start()
+            self.start_all()
+        except LauncherError as exc:
+            self.log.error("%s", exc)
+            self.failure = {"process": None, "status": what, "error": mask_text(str(exc)),
+                            "at": time.time()}
+            return exc.code
+        return EXIT_OK
+
+    def run_and_restart(self) -> int:
+        """Supervise the running set; after a process exits on its own, restart the set
+        while the policy allows (stop, backoff, start). EXIT_OK on a stop request,
+        EXIT_CHILD when the unit is left failed (`failure` says why)."""
+        while True:
+            self.status = "running"
+            self.next_restart_at = None
+            self.save_state()
+            self.log.info("running %d process(es) of %s/%s role %s%s", len(self.children),
+                          self.spec.cluster, self.spec.node, self.spec.role,
+                          f" (restart {self.restarts})" if self.restarts else "")
+            code = self.supervise()
+            while True:
+                if self.stop_requests:
+                    return EXIT_OK
+                if code != EXIT_CHILD:
+                    return code
+                delay = self.restart_delay()
+                if delay is None:
+                    return EXIT_CHILD
+                code = self.stop_and_back_off(delay)
+                if code is not None:
+                    return code
+                code = self.wait_ports_free()
+                if code == EXIT_OK:
+                    code = self.start_set("restart failed")
+                    code = EXIT_CHILD if code != EXIT_OK else code
+                if code == EXIT_OK:
+                    if self.stop_requests:
+                        return EXIT_OK
+                    break  # running again
+
+    def restart_delay(self) -> Optional[float]:
+        """The backoff before the next restart, or None: no restart (policy never, or
+        restart.max restarts within restart.window_s already)."""
+        pol = self.restart
+        if pol.policy != "on-failure":
+            return None
+        now = time.monotonic()
+        self.restart_times = [t for t in self.restart_times if now - t < pol.window_s]
+        recent = len(self.restart_times)
+        if recent >= pol.max:
+            self.log.error("giving up: %d restart(s) within %gs already (restart.max %d); "
+                           "the unit stays failed", recent, pol.window_s, pol.max)
+            return None
+        return float(min(pol.backoff_max_s, pol.backoff_s * 2 ** recent))
+
+    def stop_and_back_off(self, delay: float) -> Optional[int]:
+        """Status `restarting`: stop the whole set, then wait `delay` seconds (a stop
+        signal ends the wait). None: go on and start again; else the exit code."""
+        self.restarts += 1
+        self.restart_times.append(time.monotonic())
+        self.last_restart = time.time()
+        self.last_failure, self.failure = self.failure, None
+        self.next_restart_at = self.last_restart + delay
+        self.status = "restarting"
+        self.save_state()
+        cause = self.last_failure or {}
+        self.log.warning("restart %d of the set in %.1fs (after %s: %s; at most %d within "
+                         "%gs)", self.restarts, delay, cause.get("process") or "start",
+                         cause.get("status"), self.restart.max, self.restart.window_s)
+        left = self.stop_children()
+        if left:
+            self.log.error("still running after SIGKILL: %s; not restarting",
+                           ", ".join(f"{t.name} (pgid {t.sid})" for t in left))
+            self.failure = self.last_failure
+            return EXIT_CHILD
+        self.save_state()  # every recorded process with its exit status
+        # all gone: forget them, so that nothing signals their (reusable) PIDs again
+        self.children = []
+        deadline = time.monotonic() + delay
+        while not self.stop_requests:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            self._sleep(min(remaining, LOOP_INTERVAL))
+            self.reap()
+        self.log.info("stop requested during the restart backoff")
+        return EXIT_OK
+
+    def wait_ports_free(self) -> int:
+        """The set's ports must be bindable again before it restarts (the node check's
+        port test); they get RESTART_PORT_WAIT seconds. EXIT_CHILD (failure recorded)
+        when one stays busy; EXIT_OK otherwise, or on a stop request."""
+        from .nodefacts import check_ports
+
+        deadline = time.monotonic() + RESTART_PORT_WAIT
+        while True:
+            busy = check_ports(self.spec)
+            if not busy or self.stop_requests:
+                return EXIT_OK
+            if time.monotonic() >= deadline:
+                msg = "ports still busy, not restarting: " + "; ".join(busy)
+                self.log.error("%s", msg)
+                self.failure = {"process": None, "status": "restart failed",
+                                "error": mask_text(msg), "at": time.time()}
+                return EXIT_CHILD
+            self._sleep(0.2)
 
     def supervise(self) -> int:
         last_rotate = 0.0
