@@ -9,7 +9,8 @@ from typing import Any, Mapping
 
 from pd_deploy.containers import LABEL_ROLE, LABEL_UNIT, UNIT_ROLES, image_id, parse_ps
 
-COLUMNS = ("node", "role", "instance", "dp ranks", "state", "health", "ports", "uptime", "image")
+COLUMNS = ("node", "role", "instance", "dp ranks", "state", "health", "restarts", "ports",
+           "uptime", "image")
 
 
 def _ranks(ranks: list[int]) -> str:
@@ -74,6 +75,18 @@ def _image(c: Mapping[str, Any]) -> str:
     return image
 
 
+def _restarts(unit: Mapping[str, Any] | None) -> str:
+    """How often the unit's launcher restarted its set after a crash (the state file's
+    `restarts`, which pd_unit_info reports); 0 for a state file without the field,
+    "-" when there is no state file."""
+    if not unit or not unit.get("recorded"):
+        return "-"
+    try:
+        return str(int(unit.get("restarts") or 0))
+    except (TypeError, ValueError):
+        return "?"
+
+
 def _is_service(name: str) -> bool:
     return name not in UNIT_ROLES
 
@@ -105,13 +118,17 @@ def unit_row(host: str, name: str, spec: Mapping[str, Any], unit: Mapping[str, A
             dead = [p["name"] for p in procs if not p.get("alive")]
             state = f"degraded {alive}/{len(procs)} ({', '.join(dead)} down)"
         image, uptime = "(host)", _uptime((unit or {}).get("uptime_s"))
+    restarting = ((unit or {}).get("status") == "restarting"
+                  and (unit or {}).get("launcher_alive") is not False)
+    if restarting and (runtime != "container" or state == "running"):
+        state = "restarting"  # the launcher waits out its backoff, then starts the set again
     # engines and the front door: their client-facing ports; a service: all of them
     ports = ",".join(str(q["port"]) for proc in spec.get("processes", []) for q in proc["ports"]
                      if _is_service(name) or q["use"] in ("api", "proxy"))
     health = f"{ready}/{len(procs)} ready" if procs else "-"
     return {"node": host, "role": name, "instance": spec.get("instance") or "-",
             "dp ranks": _ranks(ranks), "state": state, "health": health,
-            "ports": ports or "-", "uptime": uptime, "image": image}
+            "restarts": _restarts(unit), "ports": ports or "-", "uptime": uptime, "image": image}
 
 
 def pd_status_table(plan: Mapping[str, Any], hostvars: Mapping[str, Any]) -> list[str]:
@@ -119,14 +136,10 @@ def pd_status_table(plan: Mapping[str, Any], hostvars: Mapping[str, Any]) -> lis
     for host, by_role in plan["specs"].items():  # per host: P/D, services, C
         hv = hostvars[host]
         runtime = hv.get("pd_runtime", "process") if hasattr(hv, "get") else "process"
-        units = {}
-        for key in ("pd_status_units", "pd_status_units_c"):
-            report = hv.get(key) if hasattr(hv, "get") else None
-            for res in (report or {}).get("results", []):
-                if not res.get("skipped"):
-                    units[res["item"]] = res
+        report = (hv.get("pd_status_units") if hasattr(hv, "get") else None) or {}
+        units = dict(report.get("units") or {})  # pd_unit_info with `units`: by name
         containers = _containers(hv.get("pd_status_containers") if hasattr(hv, "get") else None)
-        reach = hv.get("pd_status_reach") if hasattr(hv, "get") else None
+        reach = report
         for name, spec in by_role.items():
             row = unit_row(host, name, spec, units.get(name), containers, runtime)
             if (reach or {}).get("unreachable"):  # status.yml could not reach the host

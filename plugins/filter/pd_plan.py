@@ -9,6 +9,8 @@ On invalid input the filter fails with every error, each naming host and field.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import sys
 from typing import Any
@@ -80,6 +82,47 @@ def pd_cluster_plan(groups: Any, hostvars: Any, on_error: str = "fail") -> dict[
             f"pd-deploy: the inventory has {len(exc.errors)} error(s):\n{lines}") from None
 
 
+def pd_unit_spec(plan: dict[str, Any], host: str, unit: str, log_max_mb: Any,
+                 log_backups: Any) -> dict[str, Any]:
+    """One unit's node spec from the plan plus the log rotation knobs (spec `logs`: the
+    launcher rotates every log of the unit above max_bytes), failing with the host and
+    knob when a knob is out of range. One filter call instead of an assert and two
+    set_facts per host and unit (each costs a round of the play on every host)."""
+    bad = []
+    if not str(log_max_mb).isdigit() or int(log_max_mb) < 1:
+        bad.append(f"pd_log_max_mb must be an integer >= 1 (MiB), got {log_max_mb!r}")
+    if not str(log_backups).isdigit() or int(log_backups) > 100:
+        bad.append(f"pd_log_backups must be an integer in 0..100, got {log_backups!r}")
+    if bad:
+        raise AnsibleFilterError(f"{host}: " + "; ".join(bad))
+    spec = dict(plan["specs"][host][unit])
+    spec["logs"] = dict(spec.get("logs") or {}, max_bytes=int(log_max_mb) * 1048576,
+                        backups=int(log_backups))
+    return spec
+
+
+def pd_unit_locations(specs: dict[str, Any]) -> list[dict[str, str]]:
+    """Where each unit of a host keeps its state and spec (pd_unit_info's `units`)."""
+    return [{"name": name, "state_dir": spec["dirs"]["state"],
+             "spec_path": spec["dirs"]["run"] + "/spec.json"} for name, spec in specs.items()]
+
+
+def pd_container_hosts(groups: Any, hostvars: Any) -> list[str]:
+    """The P, D and C hosts whose units run in containers (pd_runtime: container; the
+    default is process): the image play runs on these only, so a process-runtime
+    cluster pays nothing for it."""
+    hosts = dict.fromkeys(h for g in ("P", "D", "C") for h in groups.get(g, []))
+    return [h for h in hosts if str(hostvars[h].get("pd_runtime", "process")) == "container"]
+
+
+def pd_spec_sha256(spec: dict[str, Any]) -> str:
+    """sha256 of the bytes pd_unit_install / pd_unit_converge write as the unit's
+    spec.json (plugins/module_utils/pd_unit.py canonical_spec; a unit test keeps the
+    two equal)."""
+    return hashlib.sha256((json.dumps(spec, indent=2, sort_keys=True) + "\n").encode()
+                          ).hexdigest()
+
+
 class FilterModule:
     def filters(self) -> dict[str, Any]:
         return {
@@ -88,4 +131,8 @@ class FilterModule:
             "pd_cluster_summary": pd_cluster_summary,
             "pd_status_table": pd_status_table,
             "pd_spec_checks": pd_spec_checks,
+            "pd_unit_spec": pd_unit_spec,
+            "pd_unit_locations": pd_unit_locations,
+            "pd_container_hosts": pd_container_hosts,
+            "pd_spec_sha256": pd_spec_sha256,
         }

@@ -56,6 +56,13 @@ options:
   container_name:
     description: The unit's container name (required with O(container_cli)).
     type: str
+  converged:
+    description:
+      - Process runtime. Also report whether the unit already runs the wanted spec and
+        launcher with every process ready (RV(converged)), so the engine play can skip
+        it. A dict with C(spec_path), C(spec_sha256) (of the spec file's bytes),
+        C(lib_dir) and C(bundle_sha256).
+    type: dict
   container_labels:
     description: Labels the unit's container must carry.
     type: dict
@@ -82,6 +89,10 @@ EXAMPLES = r"""
 """
 
 RETURN = r"""
+converged:
+  description: With O(converged), the unit runs the wanted spec and launcher and is ready.
+  type: bool
+  returned: always
 free_mb:
   description: Free space under the base directory (or its nearest existing parent), MiB.
   type: int
@@ -105,6 +116,7 @@ import shutil
 
 from ansible.module_utils.basic import AnsibleModule
 from ansible.module_utils.pd_node import port_problem, read_state, verify_recorded
+from ansible.module_utils.pd_unit import UnitError, unit_converged
 
 
 def _read_state(state_dir: str) -> dict:
@@ -163,6 +175,7 @@ def main() -> None:
             "container_cli": {"type": "list", "elements": "str"},
             "container_name": {"type": "str"},
             "container_labels": {"type": "dict", "default": {}},
+            "converged": {"type": "dict"},
         },
         required_together=[["container_cli", "container_name"]],
         supports_check_mode=True,
@@ -214,7 +227,16 @@ def main() -> None:
     if errors:
         module.fail_json(msg=f"{spec.get('node')} ({spec.get('role')}): " + "; ".join(errors),
                          errors=errors, free_mb=free_mb)
-    module.exit_json(changed=False, free_mb=free_mb, owned_ports=len(owned))
+    converged = False
+    want = module.params["converged"]
+    if want:
+        try:
+            converged = unit_converged(want["spec_path"], want["spec_sha256"], want["lib_dir"],
+                                       want["bundle_sha256"], module.params["state_dir"])
+        except (UnitError, KeyError):
+            converged = False
+    module.exit_json(changed=False, free_mb=free_mb, owned_ports=len(owned),
+                     converged=converged)
 
 
 if __name__ == "__main__":

@@ -16,9 +16,15 @@ description:
 author: pd-deploy
 options:
   state_dir:
-    description: The unit's state directory (the spec's C(dirs.state)).
+    description: The unit's state directory (the spec's C(dirs.state)); or O(units).
     type: path
-    required: true
+  units:
+    description:
+      - Several units of the node in one run (status.yml), each a dict with C(name),
+        C(state_dir) and C(spec_path); the result then has RV(units) keyed by name
+        (each as the single-unit result) and RV(damage) of them all.
+    type: list
+    elements: dict
   spec_path:
     description:
       - The unit's node spec, for the process list and readiness probes.
@@ -57,6 +63,10 @@ EXAMPLES = r"""
 """
 
 RETURN = r"""
+units:
+  description: With O(units), the single-unit result of each unit, keyed by its name.
+  type: dict
+  returned: with units
 deployed:
   description: The spec file exists.
   type: bool
@@ -66,10 +76,16 @@ recorded:
   type: bool
   returned: always
 status:
-  description: The launcher's status in the state file (starting, running, stopping, failed).
+  description: The launcher's status in the state file (starting, running, restarting,
+    stopping, failed).
   type: str
   returned: always
   sample: running
+restarts:
+  description: How often the launcher restarted the unit after a crash (its restart
+    policy; 0 without a state file).
+  type: int
+  returned: always
 state_error:
   description: Why the state file could not be read (then it counts as recorded).
   type: str
@@ -125,121 +141,40 @@ now:
   returned: always
 """
 
-import concurrent.futures
-import json
-import os
-import time
-
 from ansible.module_utils.basic import AnsibleModule
-from ansible.module_utils.pd_node import (
-    describe_state_damage,
-    launcher_by_lock,
-    probe_ready,
-    read_state,
-    same_pid_namespace,
-    seconds_since_start,
-    state_path,
-    verify_recorded,
-)
-
-
-def _ours(entry: dict) -> bool:
-    return bool(entry) and verify_recorded(entry)[0] == "ours"
+from ansible.module_utils.pd_unit import UnitError, unit_info
 
 
 def main() -> None:
     module = AnsibleModule(
         argument_spec={
-            "state_dir": {"type": "path", "required": True},
+            "state_dir": {"type": "path"},
+            "units": {"type": "list", "elements": "dict"},
             "spec_path": {"type": "path"},
             "probe": {"type": "bool", "default": True},
             "timeout": {"type": "float", "default": 2.0},
             "check_pids": {"type": "bool", "default": True},
         },
+        required_one_of=[("state_dir", "units")],
+        mutually_exclusive=[("state_dir", "units")],
         supports_check_mode=True,
     )
     p = module.params
-    state, read_error = None, None
     try:
-        state = read_state(p["state_dir"])
-    except (OSError, ValueError) as exc:
-        read_error = f"cannot read {state_path(p['state_dir'])}: {exc}"
-    spec = None
-    if p["spec_path"] and os.path.exists(p["spec_path"]):
-        try:
-            with open(p["spec_path"], encoding="utf-8") as f:
-                spec = json.load(f)
-        except (OSError, ValueError) as exc:
-            module.fail_json(msg=f"cannot read the node spec {p['spec_path']}: {exc}")
-    check = p["check_pids"] and (state is None or same_pid_namespace(state))
-    where = "{}/{}".format((spec or {}).get("node") or "?",
-                           (spec or {}).get("unit") or (spec or {}).get("role") or "?")
-    damage, state_error = [], None
-    if read_error:
-        state_error = f"{where}: damaged state file: {read_error}; no recorded PID can be " \
-                      "proven ours"
-        damage.append(state_error)
-    elif check:
-        damage += [f"{where}: damaged state file: {d}"
-                   for d in describe_state_damage(p["state_dir"], state)]
-    for d in damage:
+        if p["units"] is not None:
+            units = {}
+            for u in p["units"]:
+                units[u["name"]] = unit_info(u["state_dir"], u.get("spec_path"), p["probe"],
+                                             p["timeout"], p["check_pids"])
+            result = {"changed": False, "units": units,
+                      "damage": [d for r in units.values() for d in r["damage"]]}
+        else:
+            result = unit_info(p["state_dir"], p["spec_path"], p["probe"], p["timeout"],
+                               p["check_pids"])
+    except UnitError as exc:
+        module.fail_json(msg=str(exc))
+    for d in result["damage"]:
         module.warn(d)
-    launcher = (state or {}).get("launcher") or {}
-    if check and (state_error or (launcher and not _ours(launcher))):
-        launcher = launcher_by_lock(p["state_dir"]) or launcher  # the lock proves it
-    recorded = {e.get("name"): e for e in (state or {}).get("processes", [])}
-    spec_procs = {q["name"]: q for q in (spec or {}).get("processes", [])}
-    names = list(spec_procs) or list(recorded)
-    alive = {n: (_ours(recorded.get(n, {})) if check else None) for n in names}
-    started = time.monotonic()
-    wanted = {n: spec_procs[n]["ready"] for n in names
-              if p["probe"] and alive[n] is not False and (spec_procs.get(n) or {}).get("ready")}
-    results = {}
-    if wanted:
-        with concurrent.futures.ThreadPoolExecutor(max_workers=min(16, len(wanted))) as pool:
-            futures = {n: pool.submit(probe_ready, r, p["timeout"]) for n, r in wanted.items()}
-            results = {n: f.result() for n, f in futures.items()}
-    procs = []
-    for name in names:
-        entry = recorded.get(name, {})
-        spec_proc = spec_procs.get(name, {})
-        ok, detail = results.get(name, (False, "not probed"))
-        if p["probe"] and name in spec_procs and not spec_proc.get("ready") and name in recorded:
-            # no probe of its own (e.g. xLLM's ranks > 0, covered by rank 0's /health):
-            # ready while it runs, as `pd_launcher wait` counts it
-            running = alive[name] if check else entry.get("exit") is None
-            ok, detail = bool(running), "no probe, running" if running else "no probe, not running"
-        procs.append({
-            "name": name,
-            "pid": entry.get("pid"),
-            "alive": alive[name],
-            "ready": ok,
-            "probe": detail,
-            "ports": [f"{x['host']}:{x['port']}/{x['use']}" for x in spec_proc.get("ports", [])],
-            "dp_ranks": spec_proc.get("dp_ranks", []),
-        })
-    launcher_alive = _ours(launcher) if check else None
-    uptime = None
-    if launcher_alive:
-        since = seconds_since_start(launcher["start_time"])
-        uptime = None if since is None else round(since, 1)
-    result = {
-        "changed": False,
-        "deployed": spec is not None,
-        "recorded": state is not None or state_error is not None,
-        "status": (state or {}).get("status"),
-        "launcher_pid": launcher.get("pid"),
-        "launcher_alive": launcher_alive,
-        "uptime_s": uptime,
-        "running": bool(launcher_alive) and bool(procs) and all(x["alive"] for x in procs),
-        "healthy": bool(procs) and all(x["ready"] for x in procs),
-        "processes": procs,
-        "probe_seconds": round(time.monotonic() - started, 3),
-        "now": time.time(),
-    }
-    if state_error:
-        result["state_error"] = state_error
-    result["damage"] = damage
     module.exit_json(**result)
 
 

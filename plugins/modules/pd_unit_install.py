@@ -59,43 +59,8 @@ spec_path:
   returned: always
 """
 
-import hashlib
-import io
-import json
-import os
-import tarfile
-
 from ansible.module_utils.basic import AnsibleModule
-from ansible.module_utils.pd_node import atomic_write
-
-
-def _sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def _read(path: str) -> bytes | None:
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except OSError:
-        return None
-
-
-def _unpack(module: AnsibleModule, bundle: bytes, lib_dir: str) -> None:
-    try:
-        with tarfile.open(fileobj=io.BytesIO(bundle), mode="r:gz") as tar:
-            members = tar.getmembers()
-            for m in members:
-                if (m.name.startswith(("/", "..")) or "/../" in m.name
-                        or not (m.isfile() or m.isdir())):
-                    module.fail_json(msg=f"refusing a bundle with {m.name!r}: only files and "
-                                         "directories inside the lib dir")
-            if hasattr(tarfile, "data_filter"):  # Python >= 3.9.17 / 3.10.12 / 3.11.4
-                tar.extractall(lib_dir, members, filter="data")
-            else:
-                tar.extractall(lib_dir, members)
-    except (tarfile.TarError, OSError, EOFError) as exc:
-        module.fail_json(msg=f"cannot unpack the launcher bundle into {lib_dir}: {exc}")
+from ansible.module_utils.pd_unit import UnitError, install_unit
 
 
 def main() -> None:
@@ -109,39 +74,11 @@ def main() -> None:
     )
     p = module.params
     try:
-        spec = json.loads(p["spec_json"])
-        dirs = [p["lib_dir"]] + [spec["dirs"][k] for k in ("run", "state", "log")]
-    except (ValueError, TypeError, KeyError) as exc:
-        module.fail_json(msg=f"spec_json is not a node spec with dirs.run, dirs.state and "
-                             f"dirs.log: {type(exc).__name__}: {exc}")
-    spec_path = os.path.join(spec["dirs"]["run"], "spec.json")
-    spec_bytes = (json.dumps(spec, indent=2, sort_keys=True) + "\n").encode()
-    bundle = _read(p["bundle"])
-    if bundle is None and module.check_mode:
-        module.exit_json(changed=True, lib_changed=True, spec_changed=True, created=dirs,
-                         spec_path=spec_path)
-    if bundle is None:
-        module.fail_json(msg=f"launcher bundle {p['bundle']} is missing on the node")
-    marker = os.path.join(p["lib_dir"], ".bundle.sha256")
-    lib_changed = (_read(marker) or b"").decode().strip() != _sha(bundle) or not os.path.exists(
-        os.path.join(p["lib_dir"], "pd_launcher", "__main__.py"))
-    spec_changed = _read(spec_path) != spec_bytes
-    made = [d for d in dirs if not os.path.isdir(d)]
-    # state (state file, lock): the launcher's alone; logs: not for every user of the node
-    modes = {spec["dirs"]["state"]: 0o700, spec["dirs"]["log"]: 0o750}
-    if not module.check_mode:
-        for d in made:
-            os.makedirs(d, mode=0o755, exist_ok=True)
-        for d, mode in modes.items():
-            if os.stat(d).st_mode & 0o7777 != mode:
-                os.chmod(d, mode)
-        if lib_changed:
-            _unpack(module, bundle, p["lib_dir"])
-            atomic_write(marker, _sha(bundle).encode() + b"\n", 0o644)
-        if spec_changed:
-            atomic_write(spec_path, spec_bytes, 0o600)
-    module.exit_json(changed=bool(made or lib_changed or spec_changed), lib_changed=lib_changed,
-                     spec_changed=spec_changed, created=made, spec_path=spec_path)
+        result = install_unit(p["spec_json"], p["bundle"], p["lib_dir"], module.check_mode)
+    except UnitError as exc:
+        module.fail_json(msg=str(exc))
+    result.pop("need_bundle", None)
+    module.exit_json(**result)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,14 @@ options:
     type: str
     required: true
     aliases: [role]
+  stop_python:
+    description:
+      - Stop the unit first (process runtime) with C(<stop_python> -m pd_launcher stop)
+        from the node's launcher package, when its state file exists. Only what the
+        launcher recorded and can prove its own is signalled; a damaged state file is
+        reported as warnings (and in RV(damage)). Without it a unit with a state file
+        is refused.
+    type: str
   remove_logs:
     description: Also remove the unit's logs.
     type: bool
@@ -46,6 +54,15 @@ EXAMPLES = r"""
 """
 
 RETURN = r"""
+stopped:
+  description: The unit was stopped first (O(stop_python)).
+  type: bool
+  returned: always
+damage:
+  description: What in the unit's state file could not be proven ours (not signalled).
+  type: list
+  elements: str
+  returned: always
 removed:
   description: Paths removed (or, in check mode, that would be).
   type: list
@@ -57,11 +74,31 @@ removed:
 import os
 import re
 import shutil
+import subprocess
 
 from ansible.module_utils.basic import AnsibleModule
 from ansible.module_utils.pd_node import state_path
 
 UNIT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+
+
+def _stop(module: AnsibleModule, base: str, unit: str) -> tuple:
+    """`pd_launcher stop` on the unit's state: only processes proven ours are signalled
+    (PID + start time + command line, or the launcher holding the state dir's lock)."""
+    lib = os.path.join(base, "lib")
+    res = subprocess.run(
+        [module.params["stop_python"], "-m", "pd_launcher", "stop", "--state-dir",
+         os.path.join(base, "state", unit)],
+        cwd=lib if os.path.isdir(lib) else None, env=dict(os.environ, PYTHONPATH=lib),
+        stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False)
+    damage = [line.split("damage: ", 1)[1] for line in res.stderr.splitlines()
+              if "damage: " in line]
+    for d in damage:
+        module.warn(f"{unit}: DAMAGED STATE: {d}")
+    if res.returncode != 0:
+        module.fail_json(msg=f"stopping unit {unit} failed (exit {res.returncode}): "
+                             f"{(res.stderr or res.stdout).strip()}", damage=damage)
+    return True, damage
 
 
 def main() -> None:
@@ -70,6 +107,7 @@ def main() -> None:
             "base_dir": {"type": "path", "required": True},
             "unit": {"type": "str", "required": True, "aliases": ["role"]},
             "remove_logs": {"type": "bool", "default": False},
+            "stop_python": {"type": "str"},
         },
         supports_check_mode=True,
     )
@@ -78,6 +116,11 @@ def main() -> None:
         module.fail_json(msg=f"unit {role!r} is not a unit name (letters, digits, - and _; "
                              "it names a directory under the node's base dir)")
     state_file = state_path(os.path.join(base, "state", role))
+    stopped, damage = False, []
+    if module.params["stop_python"] and os.path.exists(state_file) and not module.check_mode:
+        stopped, damage = _stop(module, base, role)
+    if os.path.exists(state_file) and module.check_mode and module.params["stop_python"]:
+        module.exit_json(changed=True, removed=[], stopped=True, damage=[])
     if os.path.exists(state_file):
         module.fail_json(msg=f"{state_file} still exists: the unit is not stopped (stop it "
                              "first: python -m pd_launcher stop --state-dir "
@@ -98,7 +141,8 @@ def main() -> None:
                 shutil.rmtree(path)
             elif os.path.lexists(path):
                 os.unlink(path)
-    module.exit_json(changed=bool(removed), removed=removed)
+    module.exit_json(changed=bool(removed) or stopped, removed=removed, stopped=stopped,
+                     damage=damage)
 
 
 if __name__ == "__main__":

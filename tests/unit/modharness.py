@@ -25,7 +25,8 @@ from ansible.module_utils import basic
 REPO = Path(__file__).resolve().parents[2]
 MODULES = REPO / "plugins" / "modules"
 MODULE_UTILS = REPO / "plugins" / "module_utils"
-NAMES = ("pd_image_serve", "pd_preflight", "pd_unit_info", "pd_unit_install", "pd_unit_remove")
+NAMES = ("pd_image_serve", "pd_preflight", "pd_unit_converge", "pd_unit_info", "pd_unit_install",
+         "pd_unit_remove")
 
 if str(MODULE_UTILS) not in ansible.module_utils.__path__:
     ansible.module_utils.__path__.append(str(MODULE_UTILS))

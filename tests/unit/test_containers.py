@@ -135,7 +135,7 @@ def test_name_labels_filters():
 
 def test_node_unit_names_its_container_with_the_filter():
     paths = (REPO / "roles/node_unit/tasks/paths.yml").read_text()
-    assert 'pd_unit_container: "{{ pd_unit_spec | pd_container_name }}"' in paths
+    assert "pd_unit_container: \"{{ pd_unit_spec_now | pd_container_name }}\"" in paths
 
 
 TOY = "tests.fixtures.toy_backend:ToyBackend"

@@ -80,6 +80,17 @@ def test_nodeutil_is_a_valid_module_utils_file():
             f"nodeutil.py line {node.lineno} imports {top}: standard library only")
 
 
+def test_pd_unit_builds_on_pd_node_and_the_standard_library_only():
+    tree = ast.parse((MODULE_UTILS / "pd_unit.py").read_text(), feature_version=(3, 8))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            assert node.level == 0 and (node.module == "ansible.module_utils.pd_node" or
+                                        node.module.split(".")[0] in sys.stdlib_module_names
+                                        or node.module == "__future__"), node.module
+        elif isinstance(node, ast.Import):
+            assert node.names[0].name.split(".")[0] in sys.stdlib_module_names
+
+
 def test_no_second_copy_of_the_node_facts():
     shared = _shared_names()
     assert {"start_time", "verify_recorded", "port_problem", "probe_ready", "atomic_write",
@@ -123,7 +134,7 @@ def test_modules_use_pd_node_and_never_the_launcher_package():
     for name in NAMES:
         tree = _tree(MODULES / f"{name}.py")
         froms = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
-        assert "ansible.module_utils.pd_node" in froms, name
+        assert froms & {"ansible.module_utils.pd_node", "ansible.module_utils.pd_unit"}, name
         assert not any(m and m.startswith("pd_launcher") for m in froms), name
 
 
