@@ -50,13 +50,19 @@ def canonical_spec(spec: Dict[str, Any]) -> bytes:
     return (json.dumps(spec, indent=2, sort_keys=True) + "\n").encode()
 
 
+def lib_is(lib_dir: str, bundle_sha256: str) -> bool:
+    """The launcher package in lib_dir was unpacked from the bundle with this sha256."""
+    marker = (read_bytes(os.path.join(lib_dir, ".bundle.sha256")) or b"").decode().strip()
+    return bool(bundle_sha256) and marker == bundle_sha256 and os.path.exists(
+        os.path.join(lib_dir, "pd_launcher", "__main__.py"))
+
+
 def unit_converged(spec_path: str, spec_sha256: str, lib_dir: str, bundle_sha256: str,
                    state_dir: str) -> bool:
     """The unit runs the wanted spec and launcher and every process is ready: nothing
     to install, start or wait for."""
     spec = read_bytes(spec_path)
-    marker = (read_bytes(os.path.join(lib_dir, ".bundle.sha256")) or b"").decode().strip()
-    if spec is None or sha256_hex(spec) != spec_sha256 or marker != bundle_sha256:
+    if spec is None or sha256_hex(spec) != spec_sha256 or not lib_is(lib_dir, bundle_sha256):
         return False
     now = unit_info(state_dir, spec_path, probe=True)
     return bool(now["running"] and now["healthy"])
@@ -80,12 +86,14 @@ def _unpack(bundle: bytes, lib_dir: str) -> None:
 
 
 def install_unit(spec_json: str, bundle_path: str, lib_dir: str, check_mode: bool,
-                 bundle_sha256: str = "") -> Dict[str, Any]:
+                 bundle_sha256: str = "", bundle_data: Optional[bytes] = None
+                 ) -> Dict[str, Any]:
     """Directories, launcher package and spec file of one unit.
 
     With `bundle_sha256` (the controller's bundle) a lib dir already holding that bundle
     needs no tarball on the node; when it needs one that is not there (or is another
-    one), the result says `need_bundle` and nothing was changed."""
+    one), the result says `need_bundle` and nothing was changed. `bundle_data` (the
+    tarball sent along with the module's arguments) replaces reading `bundle_path`."""
     try:
         spec = json.loads(spec_json)
         dirs = [lib_dir] + [spec["dirs"][k] for k in ("run", "state", "log")]
@@ -102,7 +110,7 @@ def install_unit(spec_json: str, bundle_path: str, lib_dir: str, check_mode: boo
     if bundle_sha256 and installed == bundle_sha256 and lib_present:
         lib_changed = False
     else:
-        bundle = read_bytes(bundle_path)
+        bundle = bundle_data if bundle_data is not None else read_bytes(bundle_path)
         if bundle_sha256 and (bundle is None or sha256_hex(bundle) != bundle_sha256):
             result.update(changed=False, lib_changed=True, spec_changed=False, created=[],
                           need_bundle=True)

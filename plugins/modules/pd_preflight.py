@@ -89,6 +89,10 @@ EXAMPLES = r"""
 """
 
 RETURN = r"""
+lib_current:
+  description: With O(converged), the node's launcher package is the wanted bundle (null without).
+  type: bool
+  returned: always
 converged:
   description: With O(converged), the unit runs the wanted spec and launcher and is ready.
   type: bool
@@ -116,7 +120,7 @@ import shutil
 
 from ansible.module_utils.basic import AnsibleModule
 from ansible.module_utils.pd_node import port_problem, read_state, verify_recorded
-from ansible.module_utils.pd_unit import UnitError, unit_converged
+from ansible.module_utils.pd_unit import UnitError, lib_is, unit_converged
 
 
 def _read_state(state_dir: str) -> dict:
@@ -227,16 +231,18 @@ def main() -> None:
     if errors:
         module.fail_json(msg=f"{spec.get('node')} ({spec.get('role')}): " + "; ".join(errors),
                          errors=errors, free_mb=free_mb)
-    converged = False
+    converged, lib_current = False, None
     want = module.params["converged"]
     if want:
         try:
-            converged = unit_converged(want["spec_path"], want["spec_sha256"], want["lib_dir"],
-                                       want["bundle_sha256"], module.params["state_dir"])
+            lib_current = lib_is(want["lib_dir"], want["bundle_sha256"])
+            converged = lib_current and unit_converged(
+                want["spec_path"], want["spec_sha256"], want["lib_dir"],
+                want["bundle_sha256"], module.params["state_dir"])
         except (UnitError, KeyError):
             converged = False
     module.exit_json(changed=False, free_mb=free_mb, owned_ports=len(owned),
-                     converged=converged)
+                     converged=converged, lib_current=lib_current)
 
 
 if __name__ == "__main__":

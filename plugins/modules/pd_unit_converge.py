@@ -35,6 +35,12 @@ options:
     description: The sha256 of the controller's launcher bundle; empty to always read O(bundle).
     type: str
     default: ""
+  bundle_b64:
+    description:
+      - The launcher bundle itself, base64 (the validate role reads it once on the
+        controller). Sent only to nodes that lack it, it saves shipping the tarball as
+        a file (a copy task, two more round trips); replaces reading O(bundle).
+    type: str
   lib_dir:
     description: Where the launcher package is unpacked.
     type: path
@@ -107,6 +113,8 @@ damage:
   returned: always
 """
 
+import base64
+import binascii
 import json
 import os
 import subprocess
@@ -132,6 +140,7 @@ def main() -> None:
             "spec_json": {"type": "str", "required": True, "no_log": True},
             "bundle": {"type": "path", "required": True},
             "bundle_sha256": {"type": "str", "default": ""},
+            "bundle_b64": {"type": "str"},
             "lib_dir": {"type": "path", "required": True},
             "python": {"type": "str", "required": True},
             "environment": {"type": "dict", "default": {}},
@@ -141,8 +150,12 @@ def main() -> None:
     )
     p = module.params
     try:
+        data = base64.b64decode(p["bundle_b64"], validate=True) if p["bundle_b64"] else None
+    except (binascii.Error, ValueError) as exc:
+        module.fail_json(msg=f"bundle_b64 is not base64: {exc}")
+    try:
         inst = install_unit(p["spec_json"], p["bundle"], p["lib_dir"], module.check_mode,
-                            p["bundle_sha256"])
+                            p["bundle_sha256"], data)
         if inst["need_bundle"]:
             module.exit_json(**dict(inst, action="none", healthy=False, running=False,
                                     restarts=0, damage=[]))
