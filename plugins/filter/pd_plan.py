@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import sys
 from typing import Any
 
@@ -89,9 +90,9 @@ def pd_unit_spec(plan: dict[str, Any], host: str, unit: str, log_max_mb: Any,
     knob when a knob is out of range. One filter call instead of an assert and two
     set_facts per host and unit (each costs a round of the play on every host)."""
     bad = []
-    if not str(log_max_mb).isdigit() or int(log_max_mb) < 1:
+    if not re.fullmatch(r"[0-9]+", str(log_max_mb)) or int(log_max_mb) < 1:
         bad.append(f"pd_log_max_mb must be an integer >= 1 (MiB), got {log_max_mb!r}")
-    if not str(log_backups).isdigit() or int(log_backups) > 100:
+    if not re.fullmatch(r"[0-9]+", str(log_backups)) or int(log_backups) > 100:
         bad.append(f"pd_log_backups must be an integer in 0..100, got {log_backups!r}")
     if bad:
         raise AnsibleFilterError(f"{host}: " + "; ".join(bad))

@@ -166,12 +166,14 @@ def main() -> None:
         module.fail_json(msg=str(exc))
     for d in now["damage"]:
         module.warn(d)
-    if inst["lib_changed"] or inst["spec_changed"] or p["force_restart"]:
+    # running, or still starting / backing off (the caller waits)
+    alive = bool(now["running"] or now["launcher_alive"])
+    if alive and (inst["lib_changed"] or inst["spec_changed"] or p["force_restart"]):
         action = "restart"
-    elif now["running"] or now["launcher_alive"]:
-        action = "keep"  # running, or still starting / backing off: the caller waits
+    elif alive:
+        action = "keep"
     else:
-        action = "start"
+        action = "start"  # also a unit installed or changed while it was not running
     result = dict(inst, action=action, healthy=bool(now["healthy"] and action == "keep"),
                   running=now["running"], launcher_alive=now["launcher_alive"],
                   recorded=now["recorded"], restarts=now["restarts"], damage=now["damage"])

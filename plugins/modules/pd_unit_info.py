@@ -25,6 +25,10 @@ options:
         (each as the single-unit result) and RV(damage) of them all.
     type: list
     elements: dict
+    suboptions:
+      name: {description: The unit's name (key of RV(units)), type: str, required: true}
+      state_dir: {description: The unit's state directory, type: path, required: true}
+      spec_path: {description: The unit's node spec, type: path}
   spec_path:
     description:
       - The unit's node spec, for the process list and readiness probes.
@@ -149,7 +153,11 @@ def main() -> None:
     module = AnsibleModule(
         argument_spec={
             "state_dir": {"type": "path"},
-            "units": {"type": "list", "elements": "dict"},
+            "units": {"type": "list", "elements": "dict", "options": {
+                "name": {"type": "str", "required": True},
+                "state_dir": {"type": "path", "required": True},
+                "spec_path": {"type": "path"},
+            }},
             "spec_path": {"type": "path"},
             "probe": {"type": "bool", "default": True},
             "timeout": {"type": "float", "default": 2.0},

@@ -117,11 +117,12 @@ def main() -> None:
                              "it names a directory under the node's base dir)")
     state_file = state_path(os.path.join(base, "state", role))
     stopped, damage = False, []
-    if module.params["stop_python"] and os.path.exists(state_file) and not module.check_mode:
-        stopped, damage = _stop(module, base, role)
-    if os.path.exists(state_file) and module.check_mode and module.params["stop_python"]:
-        module.exit_json(changed=True, removed=[], stopped=True, damage=[])
-    if os.path.exists(state_file):
+    if module.params["stop_python"] and os.path.exists(state_file):
+        if module.check_mode:
+            stopped = True  # would be stopped, then removed (listed below)
+        else:
+            stopped, damage = _stop(module, base, role)
+    if os.path.exists(state_file) and not (module.check_mode and stopped):
         module.fail_json(msg=f"{state_file} still exists: the unit is not stopped (stop it "
                              "first: python -m pd_launcher stop --state-dir "
                              f"{os.path.dirname(state_file)})")
