@@ -159,6 +159,55 @@ def status_rows(stdout: str) -> dict[str, list[str]]:
     return rows
 
 
+def row_restarts(row: list[str]) -> int | None:
+    """The RESTARTS cell of a status_rows() row (the column after HEALTH, "N/M ready"),
+    as an int; None when the row has no such cell (or "-": no state file)."""
+    for i in range(len(row) - 2):
+        if re.fullmatch(r"\d+/\d+", row[i]) and row[i + 1] == "ready":
+            cell = row[i + 2]
+            return int(cell) if cell.isdigit() else None
+    return None
+
+
+def wait_restarted(state_file: Path, before: dict[str, Any],
+                   timeout: float = 30) -> dict[str, Any] | None:
+    """The unit's state once its launcher restarted the set by itself after a crash
+    (pd_restart_policy on-failure): the same launcher, more restarts than in BEFORE
+    (a state file read before the crash), status running again and every process
+    under a new PID and alive. None if that does not happen within TIMEOUT seconds."""
+    old = {p["pid"] for p in before["processes"]}
+    seen: dict[str, Any] = {}
+
+    def check() -> bool:
+        try:
+            state = json.loads(state_file.read_text())
+        except (OSError, ValueError):  # replaced atomically, but may be absent briefly
+            return False
+        ok = (state["launcher"]["pid"] == before["launcher"]["pid"]
+              and state.get("status") == "running"
+              and int(state.get("restarts") or 0) > int(before.get("restarts") or 0)
+              and len(state["processes"]) == len(before["processes"])
+              and all(p["pid"] not in old and pid_alive(p["pid"])
+                      for p in state["processes"]))
+        if ok:
+            seen.update(state)
+        return ok
+
+    return seen if wait_until(check, timeout, 0.05) else None
+
+
+def unit_ready(cluster: Cluster, host: str, unit: str, timeout: float = 60) -> bool:
+    """`pd_launcher wait` on the unit's spec: every process ready (after a restart: ready
+    again), within TIMEOUT seconds."""
+    node = cluster.root / "nodes" / host
+    res = subprocess.run([sys.executable, "-m", "pd_launcher", "wait",
+                          str(node / "run" / unit / "spec.json"), "--timeout", str(timeout),
+                          "--interval", "0.2", "--state-dir", str(node / "state" / unit)],
+                         cwd=REPO, capture_output=True, text=True, timeout=timeout + 30,
+                         env=dict(os.environ, **cluster.env))
+    return res.returncode == 0
+
+
 def post(url: str, body: dict[str, Any], timeout: float = 30) -> tuple[int, dict, Any]:
     req = urllib.request.Request(url, data=json.dumps(body).encode(),
                                  headers={"Content-Type": "application/json"})

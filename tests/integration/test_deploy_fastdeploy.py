@@ -3,7 +3,8 @@ personality (exactly the argv pd_engine: fastdeploy gets) with its router stand-
 with the real redis-server (Debian) as the splitwise scheduler; nginx in front.
 
 site.yml serves plain, streaming and chat requests; a re-run changes nothing;
-status.yml lists the router or Redis and every instance; a killed decode is dropped
+status.yml lists the router or Redis and every instance; a killed decode
+(pd_restart_policy never: no restart) is dropped
 (router) or goes stale (Redis) and the front door answers with an OpenAI error at once,
 not a hang; cleanup.yml leaves nothing (a decoy of the same program survives).
 """
@@ -48,9 +49,13 @@ LAYOUT = {
 
 
 def fd_cluster(root: Path, subnet: str, scheduler: str) -> Cluster:
+    # pd_restart_policy never: the test looks at what a dead decode does to the router,
+    # Redis and the front door; with on-failure (the default) its launcher would start it
+    # again after 1 s (test_deploy_process and tests/faults row 12 cover the restart)
     return make_cluster(root, subnet, layout=LAYOUT, extra_vars={
         "pd_emulate": "fastdeploy", "pd_fastdeploy_scheduler": scheduler,
         "pd_kv_port": 7671, "pd_ready_timeout": 60, "rdma_nics": "mlx5_0",
+        "pd_restart_policy": "never",
         **({"pd_redis_password": "pw-not-in-logs"} if scheduler == "redis" else {})})
 
 
@@ -106,7 +111,8 @@ def test_fastdeploy_deploy_serve_status_fail_cleanup(tmp_path, scheduler, subnet
         if scheduler == "redis":
             assert "pw-not-in-logs" not in first.stdout + again.stdout + status
 
-        # the decode dies: the front door answers with an OpenAI error, never a hang
+        # the decode dies (and stays down: policy never): the front door answers with an
+        # OpenAI error, never a hang
         state = json.loads((cluster.root / "nodes/d1/state/D/launcher.json").read_text())
         os.kill(state["processes"][0]["pid"], signal.SIGKILL)
         url = f"http://{cluster.proxy}/v1/completions"
@@ -122,6 +128,8 @@ def test_fastdeploy_deploy_serve_status_fail_cleanup(tmp_path, scheduler, subnet
         assert code in (502, 503) and "error" in body, (code, body)
         status = cluster.playbook("status.yml", check=False).stdout
         assert status_rows(status)["d1/D"][4] != "running"
+        d1 = json.loads((cluster.root / "nodes/d1/state/D/launcher.json").read_text())
+        assert d1["status"] == "failed" and not d1.get("restarts"), d1
         if scheduler == "redis":  # its entry in <topic>.cluster is stale, so skipped
             assert "STALE" in status and "missing: decode" in status
             assert "pw-not-in-logs" not in status

@@ -6,8 +6,9 @@ ksana-router-venv); nginx in front.
 
 site.yml serves plain, streaming and chat requests, and SSE clients see a clean stream;
 a re-run changes nothing; status.yml shows the router and every node; a killed decode
-goes offline at the router and the front door answers with an OpenAI error at once, not
-a hang; cleanup.yml leaves nothing (a decoy of the same program survives).
+(pd_restart_policy never: no restart) goes offline at the router and the front door
+answers with an OpenAI error at once, not a hang; cleanup.yml leaves nothing (a decoy
+of the same program survives).
 """
 from __future__ import annotations
 
@@ -56,7 +57,11 @@ def ksana_cluster(root: Path, subnet: str, real_router: bool) -> Cluster:
              "pd_ksana_heartbeat_interval_ms": 300,
              "pd_ksana_heartbeat_timeout": HEARTBEAT_TIMEOUT, "pd_ksana_router_workers": 1,
              # nodes register once, as the real engine does: the router must be up first
-             "pd_env": {"PD_EMU_KSANA_REGISTER_ONCE": "1"}}
+             "pd_env": {"PD_EMU_KSANA_REGISTER_ONCE": "1"},
+             # the test looks at a dead decode (offline at the router, errors from the
+             # front door); with on-failure (the default) its launcher would start it again
+             # after 1 s (test_deploy_process and tests/faults row 12 cover the restart)
+             "pd_restart_policy": "never"}
     if real_router:
         extra.update(pd_ksana_home=HOME, pd_ksana_python=ROUTER_PYTHON,
                      pd_ksana_router_workers=2)
@@ -135,7 +140,8 @@ def test_ksana_deploy_serve_status_fail_cleanup(tmp_path, real_router, subnet):
         for addr in (f"{cluster.hosts['p1']}:8067", f"{cluster.hosts['d1']}:6890"):
             assert addr in status, status  # the router's node table
 
-        # the decode dies: offline at the router, then an OpenAI error from the front door
+        # the decode dies (and stays down: policy never): offline at the router, then an
+        # OpenAI error from the front door
         state = json.loads((cluster.root / "nodes/d1/state/D/launcher.json").read_text())
         os.kill(state["processes"][0]["pid"], signal.SIGKILL)
         url = f"http://{cluster.proxy}/v1/completions"
@@ -151,6 +157,8 @@ def test_ksana_deploy_serve_status_fail_cleanup(tmp_path, real_router, subnet):
         assert code == 503 and body["error"]["code"] == 503, (code, body)
         status = cluster.playbook("status.yml", check=False).stdout
         assert status_rows(status)["d1/D"][4] != "running"
+        d1 = json.loads((cluster.root / "nodes/d1/state/D/launcher.json").read_text())
+        assert d1["status"] == "failed" and not d1.get("restarts"), d1
         decode_row = next(line for line in status.splitlines()
                           if f"{cluster.hosts['d1']}:6890" in line and "decode" in line)
         assert " no " in decode_row, decode_row  # offline at the router

@@ -1,13 +1,17 @@
-"""site -> requests -> site (changed=0) -> status -> kill -> status -> cleanup -> site, for real.
+"""site -> requests -> site (changed=0) -> status -> kill -> the launcher restarts the
+set by itself -> status -> requests -> cleanup -> site, for real.
 
 Process runtime over a local connection and over SSH (a throwaway sshd on the node
 addresses). Each cluster is the local inventory's shape on its own loopback subnet.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
+import time
+from pathlib import Path
 
 import pytest
 
@@ -17,8 +21,11 @@ from .deploy import (
     make_cluster,
     port_open,
     recap,
+    row_restarts,
     start_decoy,
     status_rows,
+    unit_ready,
+    wait_restarted,
     wait_until,
 )
 
@@ -58,14 +65,39 @@ def _cycle(cluster: Cluster, decoy_pid: int) -> None:
         ready, total = row[5].split("/")
         assert ready == total, (key, row)
 
-    # kill one engine process: its launcher stops the node's set and status says so
-    state = next(p for p in cluster.state_files() if "/d1b/" in str(p))
-    victim = __import__("json").loads(state.read_text())["processes"][0]["pid"]
+    # kill one engine process: its launcher (pd_restart_policy on-failure, the default)
+    # stops the node's whole set and starts it again by itself after a 1 s backoff;
+    # the other node of the instance is not touched, status counts the restart
+    state_file = next(p for p in cluster.state_files() if "/d1b/" in str(p))
+    before = json.loads(state_file.read_text())
+    assert before.get("restart_policy") == "on-failure" and not before.get("restarts"), before
+    others = {str(p): json.loads(p.read_text()) for p in cluster.state_files()
+              if p != state_file}
+    victim = before["processes"][0]["pid"]
+    killed = time.monotonic()
     os.kill(victim, signal.SIGKILL)
-    assert wait_until(lambda: not port_open(cluster.hosts["d1b"], 7100))
+    after = wait_restarted(state_file, before, 30)
+    assert after is not None, state_file.read_text()
+    back_s = time.monotonic() - killed
+    assert after["restarts"] == 1 and after["last_failure"]["pid"] == victim, after
+    assert "SIGKILL" in after["last_failure"]["status"], after["last_failure"]
+    assert unit_ready(cluster, "d1b", "D", 60)
+    ready_s = time.monotonic() - killed
+    print(f"d1b/D restarted by its launcher: new PIDs after {back_s:.1f}s, "
+          f"ready again after {ready_s:.1f}s")
+    assert port_open(cluster.hosts["d1b"], 7100)
+    assert back_s < 10, back_s
+    for path, st in others.items():  # nothing else restarted
+        now = json.loads(Path(path).read_text())
+        assert [q["pid"] for q in now["processes"]] == [q["pid"] for q in st["processes"]], path
+        assert not now.get("restarts"), path
     rows = status_rows(cluster.playbook("status.yml").stdout)
-    assert rows["d1b/D"][4] != "running", rows["d1b/D"]
-    assert rows["d1a/D"][4] == "running"
+    assert rows["d1b/D"][4] == "running", rows["d1b/D"]
+    ready, total = rows["d1b/D"][5].split("/")
+    assert ready == total, rows["d1b/D"]
+    assert (row_restarts(rows["d1b/D"]) or 0) >= 1, rows["d1b/D"]
+    assert rows["d1a/D"][4] == "running" and row_restarts(rows["d1a/D"]) == 0, rows["d1a/D"]
+    exercise_proxy(cluster)  # the instance serves again
 
     pids = cluster.recorded_pids()
     cluster.playbook("cleanup.yml")

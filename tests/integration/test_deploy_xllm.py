@@ -5,9 +5,9 @@ One prefill instance over two hosts (node ranks 0 and 1, a rank table built on t
 nodes from fake hccn.conf files and exchanged through etcd), one decode host, C with
 etcd, the service and the front door. site.yml serves plain, streaming and chat
 requests; a re-run changes nothing; status.yml shows etcd, the service, every rank and
-what is registered; a killed prefill process takes the instance's key out of etcd
-within --etcd_ttl + 2 s; cleanup.yml leaves nothing (a decoy etcd survives); site.yml
-works again.
+what is registered; a killed prefill process (pd_restart_policy never: no restart)
+takes the instance's key out of etcd within --etcd_ttl + 2 s; cleanup.yml leaves
+nothing (a decoy etcd survives); site.yml works again.
 """
 from __future__ import annotations
 
@@ -60,8 +60,13 @@ def xllm_cluster(root: Path) -> Cluster:
         path.write_text(f"# fake hccn.conf of {name}\naddress_0=192.168.{last}.10\n"
                         "netmask_0=255.255.255.0\n")
         host_vars[name] = {"pd_hccn_conf": str(path)}
+    # pd_restart_policy never: the test looks at a dead prefill instance (its key leaves
+    # etcd, the gate closes); with on-failure (the default) its launcher would start it
+    # again after 1 s and it would register again (tests/faults row 12 and
+    # test_deploy_process cover the restart)
     return make_cluster(root, SUBNET, layout=LAYOUT, host_vars=host_vars, extra_vars={
-        "pd_emulate": "xllm", "pd_kv_port": 26000, "pd_ready_timeout": 60})
+        "pd_emulate": "xllm", "pd_kv_port": 26000, "pd_ready_timeout": 60,
+        "pd_restart_policy": "never"})
 
 
 def registered(cluster: Cluster) -> dict[str, str]:
@@ -115,8 +120,8 @@ def test_xllm_deploy_serve_status_fail_cleanup(tmp_path):
         assert "c1/xllm-service gate: ok" in status
         assert "present: P1" in status and "present: D1" in status
 
-        # a prefill process dies: the instance (node rank 0 on p1a) goes with it and its
-        # key leaves etcd within --etcd_ttl + 2 s
+        # a prefill process dies (and stays down: policy never): the instance (node rank
+        # 0 on p1a) goes with it and its key leaves etcd within --etcd_ttl + 2 s
         state = json.loads((cluster.root / "nodes/p1b/state/P/launcher.json").read_text())
         (proc,) = state["processes"]
         killed = time.monotonic()
@@ -128,6 +133,9 @@ def test_xllm_deploy_serve_status_fail_cleanup(tmp_path):
         status = cluster.playbook("status.yml", check=False).stdout
         rows = status_rows(status)
         assert rows["p1b/P"][4] != "running", rows["p1b/P"]
+        p1b = json.loads((cluster.root / "nodes/p1b/state/P/launcher.json").read_text())
+        assert p1b["status"] == "failed" and p1b["restart_policy"] == "never", p1b
+        assert not p1b.get("restarts"), p1b
         assert "c1/xllm-service gate: NOT READY" in status
         assert "missing: P1" in status
 
