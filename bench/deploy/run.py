@@ -5,7 +5,7 @@ loopback 127.0.8.x, one address per node; the whole 127.0.0.0/8 routes to lo, so
 alias is created).
 
     .venv/bin/python bench/deploy/run.py [--nodes 9,17,33,65] [--repeat N]
-        [--profile] [--write-readme] [--smoke]
+        [--profile] [--forks N] [--write-readme] [--smoke]
 
 A cluster of N nodes is 1 C host plus (N-1)/2 P nodes in 2-node instances and (N-1)/2 D
 nodes in 4-node instances (9 nodes: 2 P instances + 1 D instance, the size the first
@@ -134,8 +134,13 @@ def _tree_rss_kib(root_pid: int) -> int:
     return total
 
 
+FORKS: int | None = None  # --forks: ANSIBLE_FORKS for every playbook run (ansible.cfg: 20)
+
+
 def timed(inv: Path, playbook: str, profile_to: Path | None = None) -> dict[str, Any]:
     env = dict(os.environ, ANSIBLE_FORCE_COLOR="0")
+    if FORKS:
+        env["ANSIBLE_FORKS"] = str(FORKS)
     times = Path(tempfile.mkstemp(prefix="pd-task-times-")[1]) if profile_to else None
     if times:
         env["ANSIBLE_CALLBACK_PLUGINS"] = str(Path(__file__).parent / "callback_plugins")
@@ -311,7 +316,10 @@ def main() -> int:
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--write-readme", action="store_true")
     ap.add_argument("--smoke", action="store_true", help="9 nodes once, write nothing")
+    ap.add_argument("--forks", type=int, help="Ansible forks (default: ansible.cfg's 20)")
     args = ap.parse_args()
+    global FORKS
+    FORKS = args.forks
     sizes = [9] if args.smoke else [int(n) for n in args.nodes.split(",")]
     for n in sizes:
         layout(n)  # fail on a bad size before deploying anything
@@ -323,7 +331,7 @@ def main() -> int:
     notes = verdict(rows)
     print(text_table)
     print("\n".join(notes))
-    if args.write_readme and not args.smoke:
+    if args.write_readme and not args.smoke and not args.forks:
         write_readme(rows, text_table, notes)
     return 0 if all(r["site re-run"]["changed"] == 0 for r in rows) else 1
 

@@ -93,8 +93,6 @@ def _stop(module: AnsibleModule, base: str, unit: str) -> tuple:
         stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False)
     damage = [line.split("damage: ", 1)[1] for line in res.stderr.splitlines()
               if "damage: " in line]
-    for d in damage:
-        module.warn(f"{unit}: DAMAGED STATE: {d}")
     if res.returncode != 0:
         module.fail_json(msg=f"stopping unit {unit} failed (exit {res.returncode}): "
                              f"{(res.stderr or res.stdout).strip()}", damage=damage)
