@@ -18,8 +18,8 @@ the validate role calls, run in this process.
 --profile enables bench/deploy/callback_plugins/pd_task_times (wall time per task) and
 writes the 20 costliest tasks per step to bench/out/deploy-profile-<N>.txt.
 --write-readme replaces the "Deploy" section of bench/README.md and writes
-bench/out/deploy.{json,md,png}. --smoke runs the smallest size once and writes nothing
-(CI).
+bench/out/deploy.{json,md} and bench/plots/deploy.png. --smoke runs the smallest size
+once and writes nothing (CI).
 
 Targets (issue 16, this machine): 65 nodes: site from clean <= 120 s, re-run <= 45 s with
 changed=0, cleanup <= 40 s; the re-run's seconds per node flat or falling from 17 to 65.
@@ -280,7 +280,9 @@ def write_readme(rows: list[dict[str, Any]], text_table: str, notes: list[str]) 
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "deploy.json").write_text(json.dumps(rows, indent=1))
     (OUT / "deploy.md").write_text(text_table + "\n\n" + "\n".join(notes) + "\n")
-    has_plot = plot(rows, OUT / "deploy.png")
+    plots = REPO / "bench" / "plots"  # tracked (bench/out is not): README embeds it
+    plots.mkdir(exist_ok=True)
+    has_plot = plot(rows, plots / "deploy.png")
     readme = REPO / "bench" / "README.md"
     text = readme.read_text()
     load = os.getloadavg()[0]
@@ -294,7 +296,7 @@ def write_readme(rows: list[dict[str, Any]], text_table: str, notes: list[str]) 
         "the engines the launcher starts are not its children). Rerun: "
         "`.venv/bin/python bench/deploy/run.py --nodes 9,17,33,65 --write-readme`.\n\n"
         f"{text_table}\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
-        + ("\n![seconds vs nodes](out/deploy.png)\n" if has_plot else "")
+        + ("\n![seconds vs nodes](plots/deploy.png)\n" if has_plot else "")
     )
     marker = "<!-- deploy-notes -->"
     keep = ""

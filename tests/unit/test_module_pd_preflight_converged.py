@@ -9,7 +9,7 @@ import signal
 import pytest
 
 from .modharness import load, ok
-from .unitnode import PY, Node, bundle, filters, pid_alive, wait_for
+from .unitnode import PY, bundle, filters, pid_alive, wait_for
 
 pytestmark = pytest.mark.slow  # real launcher processes
 
@@ -17,15 +17,6 @@ pytestmark = pytest.mark.slow  # real launcher processes
 @pytest.fixture(scope="module")
 def mod():
     return load("pd_preflight")
-
-
-@pytest.fixture
-def node(tmp_path):
-    n = Node(tmp_path)
-    try:
-        yield n
-    finally:
-        n.cleanup()
 
 
 def preflight_args(node, spec, **want):

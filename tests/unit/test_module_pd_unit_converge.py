@@ -10,7 +10,7 @@ import socket
 import pytest
 
 from .modharness import failed, load, ok
-from .unitnode import IP, Node, bundle, free_port, pid_alive, pids
+from .unitnode import IP, bundle, free_port, pid_alive, pids
 
 pytestmark = pytest.mark.slow  # real launcher processes
 
@@ -18,15 +18,6 @@ pytestmark = pytest.mark.slow  # real launcher processes
 @pytest.fixture(scope="module")
 def mod():
     return load("pd_unit_converge")
-
-
-@pytest.fixture
-def node(tmp_path):
-    n = Node(tmp_path)
-    try:
-        yield n
-    finally:
-        n.cleanup()
 
 
 def files_under(path) -> list:

@@ -12,7 +12,7 @@ import pytest
 from pd_launcher.nodeutil import read_cmdline, start_time
 
 from .modharness import failed, load, ok
-from .unitnode import PY, Node, filters
+from .unitnode import PY, filters
 
 pytestmark = pytest.mark.slow  # real launcher processes
 
@@ -20,15 +20,6 @@ pytestmark = pytest.mark.slow  # real launcher processes
 @pytest.fixture(scope="module")
 def mod():
     return load("pd_unit_info")
-
-
-@pytest.fixture
-def node(tmp_path):
-    n = Node(tmp_path)
-    try:
-        yield n
-    finally:
-        n.cleanup()
 
 
 def test_units_are_keyed_by_name(mod, node):

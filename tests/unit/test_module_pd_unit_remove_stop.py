@@ -14,7 +14,7 @@ import pytest
 from pd_launcher.nodeutil import start_time
 
 from .modharness import load, ok
-from .unitnode import PY, Node, bundle, pid_alive, pids
+from .unitnode import PY, bundle, pid_alive, pids
 
 pytestmark = pytest.mark.slow  # real launcher processes
 
@@ -22,15 +22,6 @@ pytestmark = pytest.mark.slow  # real launcher processes
 @pytest.fixture(scope="module")
 def mod():
     return load("pd_unit_remove")
-
-
-@pytest.fixture
-def node(tmp_path):
-    n = Node(tmp_path)
-    try:
-        yield n
-    finally:
-        n.cleanup()
 
 
 def test_running_units_are_stopped_and_removed(mod, node):
