@@ -131,7 +131,15 @@ def test_fastdeploy_deploy_serve_status_fail_cleanup(tmp_path, scheduler, subnet
         d1 = json.loads((cluster.root / "nodes/d1/state/D/launcher.json").read_text())
         assert d1["status"] == "failed" and not d1.get("restarts"), d1
         if scheduler == "redis":  # its entry in <topic>.cluster is stale, so skipped
-            assert "STALE" in status and "missing: decode" in status
+            # stale = no heartbeat for 3 s (--scheduler-expire-period): status.yml may
+            # run sooner than that after the kill; look again until it is
+            def stale() -> bool:
+                nonlocal status
+                if "STALE" not in status:
+                    status = cluster.playbook("status.yml", check=False).stdout
+                return "STALE" in status
+            assert wait_until(stale, 30, interval=0.5), status[-3000:]
+            assert "missing: decode" in status
             assert "pw-not-in-logs" not in status
 
         assert_cleanup_spares(cluster, decoy, {f"{cluster.hosts['c1']}:{decoy_port}"})
