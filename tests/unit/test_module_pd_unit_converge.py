@@ -163,3 +163,9 @@ def test_a_bad_spec_fails_without_echoing_it(mod, node):
     assert r["msg"].startswith("spec_json is not a node spec with dirs.run")
     assert "s3cret" not in r["msg"]
     assert os.listdir(node.lib) == ["pd_launcher.tar.gz"]
+
+
+def test_a_bundle_that_is_not_base64_is_refused_and_nothing_is_written(mod, node):
+    r = failed(mod, node.args(node.spec(), bundle_b64="not base64!"))
+    assert r["msg"].startswith("bundle_b64 is not base64")
+    assert not (node.base / "state").exists() and not node.lib.exists()

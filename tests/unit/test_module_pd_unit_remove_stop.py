@@ -13,7 +13,7 @@ import pytest
 
 from pd_launcher.nodeutil import start_time
 
-from .modharness import load, ok
+from .modharness import failed, load, ok
 from .unitnode import PY, bundle, pid_alive, pids
 
 pytestmark = pytest.mark.slow  # real launcher processes
@@ -97,3 +97,17 @@ def test_check_mode_with_stop_python_lists_what_would_be_removed(mod, tmp_path):
     r = ok(mod, {"base_dir": str(base), "unit": "P", "stop_python": PY}, check_mode=True)
     assert r["changed"] and r["stopped"]
     assert r["removed"] == [str(base / "run" / "P"), str(base / "state" / "P")]
+
+
+def test_a_failing_stop_fails_the_task_and_removes_nothing(mod, node):
+    converge = load("pd_unit_converge")
+    node.ship()
+    ok(converge, node.args(node.spec("P")))
+    p = node.wait("P")
+    try:
+        r = failed(mod, {"base_dir": str(node.base), "unit": "P", "stop_python": "/bin/false"})
+        assert r["msg"].startswith("stopping unit P failed (exit 1)"), r["msg"]
+        assert node.spec_path("P").exists() and node.state("P")  # nothing removed
+        assert all(pid_alive(pid) for pid in pids(p))
+    finally:
+        node.stop("P")
