@@ -91,10 +91,12 @@ CORE: tuple[Variable, ...] = (
     _v("pd_dp_rpc_port", 12321, "instance", "--data-parallel-rpc-port, bound on the instance "
        "master."),
     _v("pd_kv_port", None, "instance", "KV transfer base port (default: the engine's, e.g. "
-       "36000 for Mooncake, 5600 for NIXL). Instances with the same base get distinct ranges: "
-       "base + k * pd_kv_port_stride for the k-th such instance."),
+       "36000 for Mooncake, 5600 for NIXL). Instances with the same base that share a node address "
+       "get distinct ranges (base + k * pd_kv_port_stride, the smallest k free on their "
+       "addresses); instances on other addresses reuse the range, so appending an instance "
+       "never moves the others' ports."),
     _v("pd_kv_port_stride", 100, "cluster", "Distance between the KV ranges of instances "
-       "sharing a pd_kv_port base."),
+       "sharing a pd_kv_port base and a node address."),
     _v("pd_extra_args", [], "instance", "Extra engine arguments (list). Flags the planner "
        "owns (--port, --host, --data-parallel-*, --kv-transfer-config, ...) are refused."),
     _v("pd_env", {}, "instance", "Extra environment of the engine processes (dict); overrides "
@@ -185,6 +187,13 @@ ROLE_KNOBS: tuple[Variable, ...] = (
        "above it."),
     _v("pd_log_backups", 4, "role", "Rotated copies kept per log file; a file uses at most "
        "pd_log_max_mb * (1 + pd_log_backups) MiB."),
+    _v("pd_systemd", "auto", "role", "Process runtime: install and enable (not start) a "
+       "systemd service per unit so that units come back after a reboot (docs/systemd.md): "
+       "auto (when the node runs systemd) | true | false."),
+    _v("pd_systemd_dir", "/etc/systemd/system", "role", "Directory of those unit files on "
+       "the nodes."),
+    _v("pd_systemd_enable", True, "role", "Enable (cleanup: disable) those units with "
+       "systemctl; false: only write and remove the files."),
     _v("pd_bundle_dir", None, "role", "Controller directory of the launcher bundle. Default: "
        "var/bundle in the repository."),
     _v("pd_min_free_mb", 512, "role", "Free disk space needed under pd_base_dir (MiB)."),
@@ -198,6 +207,21 @@ ROLE_KNOBS: tuple[Variable, ...] = (
        "Default: var/logs in the repository."),
     _v("pd_validate_show_plan", True, "role", "Print the secret-free plan summary during "
        "validation."),
+    _v("pd_drain_timeout", 60, "role", "Scale in and rolling restarts: seconds to wait for "
+       "requests in flight on an engine the front door no longer sends to; then it stops."),
+    _v("pd_record_file", "", "role", "Controller file of the deployment record (empty: "
+       "pd-deploy-record.<cluster>.json beside the inventory)."),
+    _v("pd_restart_scope", "all", "role", "restart.yml: P, D or all instances to roll."),
+    _v("pd_restart_instances", "", "role", "restart.yml: comma list of instance names to "
+       "roll (empty: every instance in pd_restart_scope)."),
+    _v("pd_rolling", False, "role", "site.yml: restart running instances whose spec changed "
+       "one at a time, drained (an upgrade), instead of all at once."),
+    _v("pd_roll_allow_outage", False, "role", "Roll an instance even when it is the only "
+       "one serving its role."),
+    _v("pd_roll_apply_timeout", 30, "role", "Rolling restarts: seconds to wait for the "
+       "front door's agent to apply a drain or an undrain."),
+    _v("pd_scale_in_logs", False, "role", "Scale in: delete the removed units' log "
+       "directories too."),
     _v("pd_proxy_smoke_test", True, "role", "After the front door is ready, send one real "
        "request through it."),
     _v("pd_proxy_smoke_prompt", "pd-deploy smoke test:", "role", "Prompt of that request."),

@@ -502,20 +502,27 @@ def _assign_kv_ports(
     instances: list[Instance], nodes: Mapping[str, Node], readers: Mapping[str, Reader],
     cluster_r: Reader, backend: Backend,
 ) -> None:
-    """KV side-channel ranges: the k-th instance with a given base gets base + k * stride;
-    rank r of an instance starts at its base + r * (the backend's ports per rank)."""
+    """KV side-channel ranges: an instance gets base + k * stride with the smallest k that
+    no earlier instance with the same base and a node address in common uses (instances
+    on different addresses share a range); rank r of an instance starts at its base +
+    r * (the backend's ports per rank). Only earlier instances count, so appending an
+    instance to the inventory never moves the ranges of the ones already there (scale
+    out restarts nothing else)."""
     stride = cluster_r.integer("pd_kv_port_stride", 0, 10000)
     if stride is None:
         return
-    used: dict[int, int] = {}
+    used: dict[tuple[int, int], set[str]] = {}  # (base, k) -> node addresses using it
     for inst in instances:
         r = readers[inst.master]
         default = backend.kv_port_base(inst)
         base = r.port("pd_kv_port") if r.raw("pd_kv_port") is not None else default
         if base is None:
             continue
-        k = used.get(base, 0)
-        used[base] = k + 1
+        ips = {nodes[h].ip for h in inst.hosts}
+        k = 0
+        while stride and used.get((base, k), set()) & ips:
+            k += 1
+        used.setdefault((base, k), set()).update(ips)
         inst.kv_port = base + k * stride
         per_rank = backend.kv_ports_per_rank(inst)
         for host in inst.hosts:

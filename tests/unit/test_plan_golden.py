@@ -28,7 +28,7 @@ def test_tutorial_prefill_rank_command_flag_for_flag():
         "--data-parallel-address", "10.0.0.2", "--data-parallel-rpc-port", "12321",
         "--kv-transfer-config", json.dumps({
             "kv_connector": "MooncakeConnectorV1", "kv_role": "kv_producer",
-            "engine_id": "t-P2", "kv_port": 36100,
+            "engine_id": "t-P2", "kv_port": 36000,  # own node address: same range as P1
             "kv_connector_extra_config": EXTRA}, separators=(",", ":")),
         "--enable-expert-parallel", "--max-num-batched-tokens", "16384",
         "--max-num-seqs", "8", "--enforce-eager", "--no-enable-prefix-caching",
@@ -53,7 +53,7 @@ def test_tutorial_decode_second_node_rank_17():
     assert flag(argv, "--tensor-parallel-size") == "1"
     assert argv[-4:] == ["--max-num-batched-tokens", "256", "--max-num-seqs", "40"]
     cfg = kv_config(argv)
-    assert cfg["kv_role"] == "kv_consumer" and cfg["kv_port"] == 36200
+    assert cfg["kv_role"] == "kv_consumer" and cfg["kv_port"] == 36000
     assert cfg["kv_connector_extra_config"] == EXTRA
     assert "kv_rank" not in cfg and "kv_parallel_size" not in cfg
     assert p["env"]["ASCEND_RT_VISIBLE_DEVICES"] == "1"
@@ -61,14 +61,14 @@ def test_tutorial_decode_second_node_rank_17():
     # on kv_port + global DP rank * tp + tp worker)
     assert [x for x in p["ports"] if x["use"] == "kv"] == []
     prod = proc(specs, "p2", "P", "engine-dp1")
-    assert {"host": "10.0.0.2", "port": 36100 + 1 * 8 + 7, "use": "kv"} in prod["ports"]
+    assert {"host": "10.0.0.2", "port": 36000 + 1 * 8 + 7, "use": "kv"} in prod["ports"]
     assert p["env"]["VLLM_HOST_IP"] == "10.0.0.4"
 
 
 def test_tutorial_ranks_ports_and_upstreams():
     plan = build_plan(*tutorial())
     assert [(i.name, i.dp_size, i.tp, i.kv_port) for i in plan.instances] == [
-        ("P1", 2, 8, 36000), ("P2", 2, 8, 36100), ("D1", 32, 1, 36200)]
+        ("P1", 2, 8, 36000), ("P2", 2, 8, 36000), ("D1", 32, 1, 36000)]  # no shared address
     assert plan.nodes["d2"].start_rank == 16
     assert plan.prefill_upstreams == ["10.0.0.1:7100", "10.0.0.1:7101",
                                       "10.0.0.2:7100", "10.0.0.2:7101"]
@@ -124,7 +124,7 @@ def test_omni_infer_shape():
     assert plan.prefill_upstreams == ["10.1.0.1:7100"]
     assert len(plan.decode_upstreams) == 64
     assert [plan.nodes[f"d{i}"].start_rank for i in range(4)] == [0, 16, 32, 48]
-    assert d.kv_port == 36100
+    assert d.kv_port == 36000  # not on P's addresses: the same range
 
 
 def test_internal_dp_master_and_headless():
@@ -156,9 +156,10 @@ def test_vllm_nixl_flavour():
                    "engine_id": "t-D1"}
     assert p["env"]["CUDA_VISIBLE_DEVICES"] == "1"
     assert p["env"]["VLLM_NIXL_SIDE_CHANNEL_HOST"] == "127.0.1.3"
-    # D1 is the second instance sharing base 5600: 5700; vLLM adds the global DP rank
-    assert p["env"]["VLLM_NIXL_SIDE_CHANNEL_PORT"] == "5700"
-    assert {"host": "127.0.1.3", "port": 5703, "use": "nixl"} in p["ports"]
+    # D1 shares base 5600 with P1 but no node address: the same range; vLLM adds the
+    # global DP rank
+    assert p["env"]["VLLM_NIXL_SIDE_CHANNEL_PORT"] == "5600"
+    assert {"host": "127.0.1.3", "port": 5603, "use": "nixl"} in p["ports"]
     assert "ASCEND_RT_VISIBLE_DEVICES" not in p["env"]
     assert specs["d2"]["D"]["checks"]["devices"] == ["/dev/nvidia0", "/dev/nvidia1",
                                                     "/dev/nvidiactl"]

@@ -159,11 +159,11 @@ def test_independent_mode_plans_dp1_engines_with_their_own_ports():
 
 
 def test_independent_nixl_engines_get_their_own_side_channel_port():
-    # small() sets pd_kv_port 36000: P 36000.., D 36100.. (stride 100), NIXL one per rank
+    # small() sets pd_kv_port 36000: D on its own addresses starts at 36000 too, NIXL one per rank
     specs = specs_of(small("vllm", pd_dp_mode="independent", **DENSE))
     decode = [proc for host in ("d1", "d2") for proc in procs(specs, host, "D")]
     assert [proc["env"]["VLLM_NIXL_SIDE_CHANNEL_PORT"] for proc in decode] == [
-        "36100", "36101", "36102", "36103"]
+        "36000", "36001", "36002", "36003"]
     assert len({kv_config(proc["argv"])["engine_id"] for proc in decode}) == 4
 
 

@@ -175,7 +175,7 @@ def test_two_host_prefill_instance_is_sixteen_processes():
     # the decode instance: one host, no rank table
     d = [flags(p["argv"][1:]) for p in specs["d1"]["D"]["processes"]]
     assert [g["node_rank"] for g in d] == [str(r) for r in range(8)]
-    assert "rank_tablefile" not in d[0] and d[0]["transfer_listen_port"] == "26100"
+    assert "rank_tablefile" not in d[0] and d[0]["transfer_listen_port"] == "26000"
 
 
 def test_rank_table_from_inventory_device_ips():
