@@ -331,6 +331,7 @@ def proxy_unit(proxy: dict, dirs: dict, *, nginx_bin: str = "nginx",
     stream_fix = router and opts["router_stream_fix"]
     upstreams_path = f"{run}/pd_upstreams.conf"
     agent_cfg_path = f"{run}/proxy_agent.json"
+    drain_path = f"{run}/drain.json"
     pid_path = f"{run}/nginx.pid"
     access_log = f"{logd}/proxy_access.log"
 
@@ -426,6 +427,9 @@ def proxy_unit(proxy: dict, dirs: dict, *, nginx_bin: str = "nginx",
         "access_log": access_log,
         "pid_path": pid_path,
         "upstreams_path": upstreams_path,
+        # operator drains (docs/proxy.md): written by the controller, never by the
+        # launcher (not one of the spec's files), so a reload or restart keeps it
+        "drain_file": drain_path,
         "pools": pools,
         "fail_timeout_s": opts["fail_timeout_s"],
         "max_fails": opts["max_fails"],
@@ -469,6 +473,9 @@ def proxy_unit(proxy: dict, dirs: dict, *, nginx_bin: str = "nginx",
                 "env": {},
                 "ports": [{"host": ahost.strip("[]"), "port": aport, "use": "admin"}],
                 "ready": {"type": "http", "url": f"http://{url_host}:{port}/health/agent"},
+                # a reload (pd_launcher reload) sends it SIGHUP: it re-reads its config,
+                # re-renders pd_upstreams.conf and reloads nginx (graceful)
+                "reload_signal": "HUP",
             },
         ],
         "checks": {

@@ -312,6 +312,7 @@ _NOTES: dict[tuple[Any, ...], str] = {
     ("processes", 0, "ports"): "every port it binds: checked free before start",
     ("processes", 0, "ready"): "http: GET url == 200 (optional headers) | tcp",
     ("processes", 0, "dp_ranks"): "informative: global DP ranks it serves",
+    ("processes", 0, "reload_signal"): "HUP | USR1 | USR2: sent on a reload (files only)",
     ("proxy",): "C only: the front door block (below)",
     ("restart",): "pd_restart_*: restart of the set after a crash",
 }
@@ -354,6 +355,7 @@ _C_NOTES: dict[tuple[Any, ...], str] = {
     ("pre_start",): "nginx -t: a bad configuration starts nothing",
     ("processes", 0, "name"): "nginx in the foreground",
     ("processes", 1, "name"): "health checks, metrics, upstream updates",
+    ("processes", 1, "reload_signal"): "pd_launcher reload: files changed, no restart",
     ("proxy",): "the front door block (below)",
 }
 

@@ -1,4 +1,6 @@
-"""`python -m pd_launcher {run,stop,wait}` on a node: standard library only, Python >= 3.9.
+"""`python -m pd_launcher {run,stop,wait,reload,quiesce}` on a node.
+
+Standard library only, Python >= 3.9.
 
 The controller's commands (plan) live in the pd_deploy package: `pd-deploy plan`.
 """
@@ -6,11 +8,13 @@ from __future__ import annotations
 
 import sys
 
-USAGE = """usage: python -m pd_launcher {run,stop,wait} ...
+USAGE = """usage: python -m pd_launcher {run,stop,wait,reload,quiesce} ...
 
-  run    SPEC.json [--log-dir DIR] [--state-dir DIR] [--run-dir DIR] [--check]
-  stop   --state-dir DIR [--grace SECONDS]
-  wait   SPEC.json --timeout SECONDS [--log-dir DIR] [--state-dir DIR] [--run-dir DIR]
+  run     SPEC.json [--log-dir DIR] [--state-dir DIR] [--run-dir DIR] [--check]
+  stop    --state-dir DIR [--grace SECONDS]
+  wait    SPEC.json --timeout SECONDS [--log-dir DIR] [--state-dir DIR] [--run-dir DIR]
+  reload  SPEC.json [--state-dir DIR] [--timeout SECONDS]
+  quiesce SPEC.json [--timeout SECONDS] [--use USE]
 
 The plan is a controller command: pd-deploy plan -i INVENTORY (python -m pd_deploy plan).
 """
@@ -22,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.write(USAGE)
         return 0 if args else 2
     cmd, rest = args[0], args[1:]
-    if cmd in ("run", "stop", "wait"):
+    if cmd in ("run", "stop", "wait", "reload", "quiesce"):
         from pd_launcher.launcher.cli import main as node_main
 
         return node_main([cmd] + rest)

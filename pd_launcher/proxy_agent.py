@@ -16,6 +16,17 @@ Two modes (config key `mode`, absent = "pd"): "pd", nginx is the PD router (pool
 prefill and decode, log fields prefill_* / decode_*); "router", nginx fronts the
 engine's own router (one pool, router; log fields upstream*; probes are TCP
 connects unless health.path is set, since routers differ in what they serve).
+
+SIGHUP (the launcher's reload, spec `reload_signal`): the agent re-reads its config
+file, rebuilds the pools and probe targets (peers still present keep their health
+state and down-marks), re-renders pd_upstreams.conf and reloads nginx.
+
+Operator drains (config key `drain_file`, docs/proxy.md): the controller writes
+`{"id": "<token>", "peers": ["ip:port", ...]}` there; the agent looks at it at least
+every 0.5 s (and at startup), writes those peers `down` whatever their health, reloads
+nginx and, once nginx runs new workers, writes `<drain_file minus .json>.applied.json`
+= `{"id", "peers", "applied_at"}`. Missing or empty file: no drains; an invalid one is
+logged and the previous drains stay.
 """
 from __future__ import annotations
 
@@ -29,7 +40,7 @@ import threading
 import time
 from typing import Any
 
-from pd_launcher.nodeutil import http_status
+from pd_launcher.nodeutil import atomic_write, http_status
 
 ROUTES = ["/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics"]
 
@@ -73,6 +84,8 @@ PD_ROUTES = ("/v1/completions", "/v1/chat/completions")
 # pools never taken out as a whole by active checks: with nowhere to send, passive
 # health and retries do better than an instant 502
 LAST_RESORT_POOLS = ("decode", "router")
+#: how often the control loop looks at the drain file and a pending SIGHUP (s)
+CONTROL_INTERVAL = 0.25
 
 
 def _esc(v: str) -> str:
@@ -157,6 +170,7 @@ class Metrics:
         self.parse_errors = 0
         self.lines = 0
         self.reloads = 0
+        self.config_reloads = 0   # SIGHUP: config file read again and applied
 
     def _attempts(self, pool: str, pairs: list[tuple[str, str]], now: float) -> None:
         members = set(self.pools[pool]["servers"])
@@ -245,9 +259,41 @@ class Metrics:
         return len(ts) >= max_fails
 
 
+def _new_peer() -> dict:
+    return {"up": True, "fails": 0, "passes": 0, "checked": None, "error": None}
+
+
+def _clock_ticks() -> int:
+    """Now, in the unit of /proc/PID/stat's start time (clock ticks since boot)."""
+    with open("/proc/uptime", encoding="ascii") as f:
+        up = float(f.read().split()[0])
+    return int(up * os.sysconf("SC_CLK_TCK"))
+
+
+def _children_since(parent: int, ticks: int) -> bool:
+    """Some child of `parent` started at or after `ticks` (nginx: a new worker)."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", encoding="ascii", errors="replace") as f:
+                data = f.read()
+        except OSError:
+            continue
+        rest = data[data.rfind(")") + 2:].split()
+        try:
+            if int(rest[1]) == parent and rest[0] not in "ZX" and int(rest[19]) >= ticks:
+                return True
+        except (IndexError, ValueError):
+            continue
+    return False
+
+
 class Agent:
-    def __init__(self, cfg: dict):
+    def __init__(self, cfg: dict, config_path: str | None = None,
+                 reload_event: threading.Event | None = None):
         self.cfg = cfg
+        self.config_path = config_path
         self.pools = cfg["pools"]
         self.mode = cfg.get("mode", "pd")
         self.metrics = Metrics(self.pools, cfg.get("max_fails", 1), self.mode)
@@ -255,11 +301,24 @@ class Agent:
         h = cfg["health"]
         self.health = h
         # active state per (pool, addr): up?, consecutive fails / passes, last probe
-        self.state = {(p, s): {"up": True, "fails": 0, "passes": 0, "checked": None,
-                               "error": None}
-                      for p, v in self.pools.items() for s in v["servers"]}
+        self.state = {(p, s): _new_peer() for p, v in self.pools.items() for s in v["servers"]}
         self.down: dict[str, set] = {p: set() for p in self.pools}
         self.server = None
+        # one writer of pools / state / down / drains and of pd_upstreams.conf at a time
+        # (health checker, control loop); taken before metrics.lock, never after
+        self.lock = threading.RLock()
+        # SIGHUP (handler installed by main() before the config is read); the control
+        # loop does the reload
+        self.reload_requested = reload_event or threading.Event()
+        # operator drains: the drain file's peers, its id and what was last read
+        self.drained: set[str] = set()
+        self.drain_id: str | None = None
+        self.drain_sig: tuple | None = None
+        # a drain written into pd_upstreams.conf whose nginx reload is not confirmed
+        # yet: {"id", "peers", "since": clock ticks before the SIGHUP}
+        self.drain_pending: dict | None = None
+        self.drain_applied: dict | None = None
+        self.last_hup_ticks: int | None = None
 
     # -------------------------------------------------------------- log tail
     def tail(self) -> None:
@@ -325,50 +384,77 @@ class Agent:
         """Probe every upstream; returns True when the set of down peers changed."""
         from concurrent.futures import ThreadPoolExecutor
 
-        keys = list(self.state)
+        with self.lock:
+            keys = list(self.state)
+        if not keys:
+            return False
         with ThreadPoolExecutor(max_workers=min(16, len(keys))) as ex:
             results = list(ex.map(lambda k: self.probe(k[1]), keys))
         now = time.time()
-        for k, err in zip(keys, results):
-            s = self.state[k]
-            s["checked"], s["error"] = now, err
-            if err is None:
-                s["passes"], s["fails"] = s["passes"] + 1, 0
-                if not s["up"] and s["passes"] >= self.health["passes"]:
-                    s["up"] = True
-            else:
-                s["fails"], s["passes"] = s["fails"] + 1, 0
-                if s["up"] and s["fails"] >= self.health["fails"]:
-                    s["up"] = False
-        new = {}
+        with self.lock:
+            for k, err in zip(keys, results):
+                s = self.state.get(k)
+                if s is None:  # gone with a config reload while it was probed
+                    continue
+                s["checked"], s["error"] = now, err
+                if err is None:
+                    s["passes"], s["fails"] = s["passes"] + 1, 0
+                    if not s["up"] and s["passes"] >= self.health["passes"]:
+                        s["up"] = True
+                else:
+                    s["fails"], s["passes"] = s["fails"] + 1, 0
+                    if s["up"] and s["fails"] >= self.health["fails"]:
+                        s["up"] = False
+            new = self.desired_down()
+            changed = new != self.down
+            self.down = new
+            return changed
+
+    def desired_down(self) -> dict[str, set]:
+        """Per pool, the peers to write `down`: drained peers (operator drains, always,
+        even the last of a pool) and peers the active checks took out, except that the
+        checks never take out every peer left (not drained) of a LAST_RESORT pool."""
+        out = {}
         for pool, p in self.pools.items():
-            bad = {a for a in p["servers"] if not self.state[(pool, a)]["up"]}
+            drained = {a for a in p["servers"] if a in self.drained}
+            live = [a for a in p["servers"] if a not in drained]
+            bad = {a for a in live if not self.state[(pool, a)]["up"]}
             # never take out the whole decode (or router) pool: with nowhere to
             # send, passive health and retries do better than an instant 502
-            if pool in LAST_RESORT_POOLS and len(bad) == len(p["servers"]):
+            if pool in LAST_RESORT_POOLS and live and len(bad) == len(live):
                 bad = set()
-            new[pool] = bad
-        changed = new != self.down
-        self.down = new
-        return changed
+            out[pool] = bad | drained
+        return out
 
-    def apply(self) -> None:
-        text = render_upstreams(self.pools, self.down)
-        path = self.cfg["upstreams_path"]
-        tmp = f"{path}.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-        try:
-            with open(self.cfg["pid_path"], encoding="ascii") as f:
-                pid = int(f.read().strip())
-            os.kill(pid, signal.SIGHUP)
+    def apply(self, why: str = "pools changed") -> bool:
+        """Write pd_upstreams.conf with the current down-marks and SIGHUP nginx; True
+        when nginx was signalled."""
+        with self.lock:
+            text = render_upstreams(self.pools, self.down)
+            path = self.cfg["upstreams_path"]
+            tmp = f"{path}.tmp"
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(text)
+            os.replace(tmp, path)
+            try:
+                with open(self.cfg["pid_path"], encoding="ascii") as f:
+                    pid = int(f.read().strip())
+                try:
+                    since = _clock_ticks() - 1
+                except (OSError, ValueError):
+                    since = None
+                os.kill(pid, signal.SIGHUP)
+            except (OSError, ValueError) as e:
+                sys.stderr.write(f"proxy-agent: cannot reload nginx: {e}\n")
+                return False
+            self.last_hup_ticks = since
+            if self.drain_pending is not None:
+                self.drain_pending["since"] = since  # this reload carries the drain too
             with self.metrics.lock:
                 self.metrics.reloads += 1
-            sys.stderr.write(f"proxy-agent: pools changed, down={self._down_list()}; "
+            sys.stderr.write(f"proxy-agent: {why}, down={self._down_list()}; "
                              f"reloaded nginx (pid {pid})\n")
-        except (OSError, ValueError) as e:
-            sys.stderr.write(f"proxy-agent: cannot reload nginx: {e}\n")
+            return True
 
     def _down_list(self) -> dict[str, list[str]]:
         return {p: sorted(v) for p, v in self.down.items()}
@@ -376,19 +462,166 @@ class Agent:
     def checker(self) -> None:
         while not self.stop.is_set():
             try:
-                if self.check_once():
+                # enabled may change with a config reload
+                if self.health["enabled"] and self.check_once():
                     self.apply()
             except Exception as e:  # keep probing whatever happens
                 sys.stderr.write(f"proxy-agent: health check error: {e!r}\n")
-            self.stop.wait(self.health["interval_s"])
+            self.stop.wait(self.health["interval_s"] if self.health["enabled"] else 1.0)
+
+    # -------------------------------------------------------------- config reload
+    def reload_config(self) -> bool:
+        """SIGHUP: read the config file again; new pools and probe targets (peers still
+        present keep their state, so their down-marks), pd_upstreams.conf re-rendered,
+        nginx reloaded (its nginx.conf may have changed too). A file that cannot be
+        read or lacks pools/health is logged and changes nothing."""
+        if not self.config_path:
+            return False
+        try:
+            with open(self.config_path, encoding="utf-8") as f:
+                cfg = json.load(f)
+            pools, health = cfg["pools"], cfg["health"]
+            if not isinstance(pools, dict) or not all(
+                    isinstance(p.get("servers"), list) for p in pools.values()):
+                raise ValueError("pools: expected {pool: {servers: [...], ...}}")
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            sys.stderr.write(f"proxy-agent: config reload: cannot use {self.config_path}: "
+                             f"{e!r}; keeping the running config\n")
+            return False
+        for key in ("listen", "access_log"):
+            if cfg.get(key) != self.cfg.get(key):
+                sys.stderr.write(f"proxy-agent: config reload: {key} changed; it takes "
+                                 "effect at the next restart\n")
+                cfg[key] = self.cfg.get(key)
+        with self.lock:
+            old_state = self.state
+            self.state = {(p, a): old_state.get((p, a)) or _new_peer()
+                          for p, v in pools.items() for a in v["servers"]}
+            self.cfg, self.pools, self.health = cfg, pools, health
+            with self.metrics.lock:
+                m = self.metrics
+                m.pools = pools
+                m.keep_failures = max(1, cfg.get("max_fails", 1))
+                for p in pools:
+                    m.no_live.setdefault(p, 0)
+                m.config_reloads += 1
+            self.down = self.desired_down()
+            sys.stderr.write("proxy-agent: config reloaded from {}: {}\n".format(
+                self.config_path, ", ".join(f"{p} {len(v['servers'])}"
+                                            for p, v in pools.items())))
+            self.apply("config reloaded")
+        return True  # a moved drain_file is read at the control loop's next turn
+
+    # -------------------------------------------------------------- drains
+    def _drain_applied_path(self) -> str | None:
+        path = self.cfg.get("drain_file")
+        if not path:
+            return None
+        return (path[:-5] if path.endswith(".json") else path) + ".applied.json"
+
+    def poll_drain(self) -> None:
+        """Read the drain file if it changed (stat); apply a new set of drains."""
+        path = self.cfg.get("drain_file")
+        if not path:
+            return
+        try:
+            st = os.stat(path)
+            sig: tuple | None = (path, st.st_ino, st.st_size, st.st_mtime_ns)
+        except FileNotFoundError:
+            sig = (path, None)
+        except OSError as e:
+            sig = (path, "error", str(e))
+        if sig == self.drain_sig:
+            return
+        self.drain_sig = sig
+        if sig[1] is None:
+            drain_id, peers = None, set()
+        else:
+            try:
+                with open(path, encoding="utf-8") as f:
+                    text = f.read()
+                if not text.strip():
+                    drain_id, peers = None, set()
+                else:
+                    doc = json.loads(text)
+                    raw = doc.get("peers") if isinstance(doc, dict) else None
+                    if not isinstance(raw, list) or not all(isinstance(x, str) for x in raw):
+                        raise ValueError('expected {"id": "...", "peers": ["ip:port", ...]}')
+                    drain_id = None if doc.get("id") is None else str(doc.get("id"))
+                    peers = set(raw)
+            except (OSError, ValueError) as e:
+                sys.stderr.write(f"proxy-agent: drain file {path}: {e}; keeping the "
+                                 f"drains in effect ({sorted(self.drained)})\n")
+                return
+        with self.lock:
+            if peers == self.drained and drain_id == self.drain_id:
+                return
+            known = {a for v in self.pools.values() for a in v["servers"]}
+            unknown = sorted(peers - known)
+            if unknown:
+                sys.stderr.write(f"proxy-agent: drain {drain_id}: not upstreams of any "
+                                 f"pool: {', '.join(unknown)}\n")
+            self.drained, self.drain_id = peers, drain_id
+            self.drain_pending = {"id": drain_id, "peers": sorted(peers), "since": None}
+            self.down = self.desired_down()
+            sys.stderr.write(f"proxy-agent: drain {drain_id}: {sorted(peers) or 'none'}\n")
+            self.apply(f"drain {drain_id}")
+
+    def confirm_drain(self) -> None:
+        """Once nginx runs workers started after the reload that carried the drain,
+        write the applied file (atomically)."""
+        pending = self.drain_pending
+        if pending is None:
+            return
+        try:
+            with open(self.cfg["pid_path"], encoding="ascii") as f:
+                master = int(f.read().strip())
+            os.kill(master, 0)
+        except (OSError, ValueError):
+            return  # nginx not (yet) running: it reads the drain marks when it starts
+        if pending.get("since") is None:
+            # nginx was not running when the drain was written (the agent's startup):
+            # it is now, so signal it; confirmed at a later turn
+            self.apply(f"drain {pending['id']}")
+            return
+        if not _children_since(master, pending["since"]):
+            return
+        applied = {"id": pending["id"], "peers": pending["peers"], "applied_at": time.time()}
+        out = self._drain_applied_path()
+        try:
+            if out:
+                atomic_write(out, (json.dumps(applied) + "\n").encode(), 0o644)
+        except OSError as e:
+            sys.stderr.write(f"proxy-agent: cannot write {out}: {e}\n")
+            return
+        with self.lock:
+            if self.drain_pending is pending:
+                self.drain_pending = None
+            self.drain_applied = applied
+        sys.stderr.write(f"proxy-agent: drain {pending['id']} applied: "
+                         f"{pending['peers'] or 'none'}\n")
+
+    def control(self) -> None:
+        """Pending SIGHUP, the drain file, the drain's confirmation: every
+        CONTROL_INTERVAL seconds."""
+        while not self.stop.is_set():
+            try:
+                if self.reload_requested.is_set():
+                    self.reload_requested.clear()
+                    self.reload_config()
+                self.poll_drain()
+                self.confirm_drain()
+            except Exception as e:  # keep going whatever happens
+                sys.stderr.write(f"proxy-agent: control loop error: {e!r}\n")
+            self.stop.wait(CONTROL_INTERVAL)
 
     # -------------------------------------------------------------- views
     def health_view(self) -> dict:
         now = time.time()
-        window = self.cfg["fail_timeout_s"]
         pools = {}
         m = self.metrics
-        with m.lock:
+        with self.lock, m.lock:
+            window = self.cfg["fail_timeout_s"]
             for pool, p in self.pools.items():
                 ups = []
                 for a in p["servers"]:
@@ -400,13 +633,19 @@ class Agent:
                                 "active": ("off" if not self.health["enabled"] else
                                            "unknown" if s["checked"] is None else
                                            "up" if s["up"] else "down"),
-                                "recent_failure": passive_bad, "error": s["error"]})
+                                "recent_failure": passive_bad, "error": s["error"],
+                                "drained": a in self.drained})
                 pools[pool] = {"total": len(ups),
                                "healthy": sum(1 for u in ups if u["healthy"]),
+                               "drained": sum(1 for u in ups if u["drained"]),
                                "upstreams": ups}
+            drain = {"id": self.drain_id, "peers": sorted(self.drained),
+                     "applied": self.drain_pending is None,
+                     "applied_at": (self.drain_applied or {}).get("applied_at")
+                     if self.drain_pending is None else None}
         degraded = any(v["healthy"] == 0 for v in pools.values())
         return {"status": "degraded" if degraded else "ok", "proxy": "up", "agent": "up",
-                "pools": pools}
+                "pools": pools, "drain": drain}
 
     def metrics_text(self) -> str:
         m = self.metrics
@@ -489,8 +728,12 @@ class Agent:
                  "Access log lines the agent could not parse.")
             out.append(f"pd_proxy_log_parse_errors_total {m.parse_errors}")
             head("pd_proxy_reloads_total", "counter",
-                 "nginx reloads made by active health checks.")
+                 "nginx reloads made by the agent (active health checks, config reloads, "
+                 "drains).")
             out.append(f"pd_proxy_reloads_total {m.reloads}")
+            head("pd_proxy_config_reloads_total", "counter",
+                 "Config reloads of the agent (SIGHUP: config file read again).")
+            out.append(f"pd_proxy_config_reloads_total {m.config_reloads}")
         head("pd_proxy_upstreams", "gauge", "Upstreams per pool.")
         for pool, v in view["pools"].items():
             out.append(f"pd_proxy_upstreams{_labels({'pool': pool})} {v['total']}")
@@ -550,11 +793,19 @@ class Agent:
         srv.serve_forever(poll_interval=0.5)
 
     def run(self) -> int:
-        threads = [threading.Thread(target=self.tail, daemon=True, name="tail")]
-        if self.health["enabled"]:
-            threads.append(threading.Thread(target=self.checker, daemon=True, name="health"))
+        # a drain must survive an agent restart: applied before anything else runs
+        try:
+            self.poll_drain()
+        except Exception as e:
+            sys.stderr.write(f"proxy-agent: drain file at startup: {e!r}\n")
+        threads = [threading.Thread(target=self.tail, daemon=True, name="tail"),
+                   threading.Thread(target=self.checker, daemon=True, name="health"),
+                   threading.Thread(target=self.control, daemon=True, name="control")]
         for t in threads:
             t.start()
+
+        if signal.getsignal(signal.SIGHUP) is signal.SIG_DFL:  # not started by main()
+            signal.signal(signal.SIGHUP, lambda s, f: self.reload_requested.set())
 
         def on_term(signum: int, frame: Any) -> None:
             self.stop.set()
@@ -578,9 +829,13 @@ def main(argv: list[str] | None = None) -> int:
     if len(args) != 1:
         sys.stderr.write("usage: python -m pd_launcher.proxy_agent CONFIG.json\n")
         return 2
+    # SIGHUP = reload; counted from the start (its default action would end the
+    # agent), the control loop re-reads the config file then
+    hup = threading.Event()
+    signal.signal(signal.SIGHUP, lambda s, f: hup.set())
     with open(args[0], encoding="utf-8") as f:
         cfg = json.load(f)
-    return Agent(cfg).run()
+    return Agent(cfg, os.path.abspath(args[0]), hup).run()
 
 
 if __name__ == "__main__":

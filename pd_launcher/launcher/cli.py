@@ -6,6 +6,8 @@
     python -m pd_launcher stop --state-dir DIR [--grace S]
     python -m pd_launcher wait SPEC.json --timeout S [--interval S] [--state-dir DIR]
                                          [--log-dir DIR] [--run-dir DIR] [--gate]
+    python -m pd_launcher reload SPEC.json [--state-dir DIR] [--timeout S]
+    python -m pd_launcher quiesce SPEC.json [--timeout S] [--use USE] [--interval S]
 
 wait --gate waits for the spec's gate (a service's readiness that needs the engines,
 e.g. xllm-service's HTTP port) instead of its processes; on timeout it prints what the
@@ -15,6 +17,16 @@ gate's `explain` command says is missing.
 every path under the old directory in the spec (files and their contents, pre_start,
 argv, env, ready probes) is rewritten to the new one (spec.relocate). Moving the state
 directory moves the run directory along to <state-dir>/run unless --run-dir is given.
+
+reload: the launcher running SPEC.json on the state directory re-reads it (SIGUSR1) and,
+when only its `files` (and `proxy` block) changed, writes them and signals the processes
+that have a `reload_signal`, without a restart. Exit 0 reloaded; 3 not reloadable (other
+fields differ: the message names them; a restart is needed); 1 no live launcher of ours
+on the state directory, it runs another spec, timeout, or the reload failed otherwise.
+
+quiesce: waits until no ESTABLISHED TCP connection has one of the spec's ports with the
+given use (default api) as its local end; exit 0 drained or timed out (the output says
+which and how many connections were left), 1 on errors (pd_launcher/launcher/quiesce.py).
 
 Exit codes:
     0  ok; clean stop; nothing to stop; --check passed; wait: all ready
@@ -33,11 +45,13 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from typing import List, Optional
 
 from . import logs
 from .common import (
+    EXIT_CHILD,
     EXIT_NODE,
     EXIT_OK,
     EXIT_RUNNING,
@@ -46,8 +60,11 @@ from .common import (
     mask_env,
     shell_quote_argv,
 )
-from .spec import NodeSpec, load_spec, relocate
+from .spec import NodeSpec, load_spec, load_spec_file, relocate
 from .state import read_state, state_path
+
+#: reload: the launcher refused, fields other than files differ (a restart is needed)
+EXIT_RELOAD_REFUSED = EXIT_NODE
 
 
 class _Parser(argparse.ArgumentParser):
@@ -94,6 +111,29 @@ def _parser(cmd: str) -> _Parser:
         p.add_argument("--run-dir")
         p.add_argument("--gate", action="store_true",
                        help="wait for the spec's gate instead of its processes")
+    elif cmd == "reload":
+        p.description = (
+            "Make the launcher running SPEC apply a change of the spec's files without a "
+            "restart: it re-reads SPEC (SIGUSR1), writes the files and sends each process "
+            "its reload_signal. Exit codes: 0 reloaded; 3 not reloadable (fields other "
+            "than files differ, named on stderr: restart the unit); 1 no live launcher of "
+            "ours on the state directory (or it runs another spec file), timeout, or "
+            "another error.")
+        p.add_argument("spec")
+        p.add_argument("--state-dir", help="default: the spec's dirs.state")
+        p.add_argument("--timeout", type=_positive, default=30.0,
+                       help="how long to wait for the launcher's answer (s, default 30)")
+    elif cmd == "quiesce":
+        p.description = (
+            "Wait until no established TCP connection has one of SPEC's ports (those "
+            "whose use is --use) as its local end. Exit codes: 0 drained, or the timeout "
+            "was reached (printed with the connections left); 1 error.")
+        p.add_argument("spec")
+        p.add_argument("--timeout", type=_positive, default=30.0,
+                       help="give up waiting after S seconds (default 30); still exit 0")
+        p.add_argument("--use", action="append",
+                       help="port use to watch (repeatable; default: api)")
+        p.add_argument("--interval", type=_positive, default=0.2)
     return p
 
 
@@ -201,9 +241,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .nodefacts import check_node
     from .supervisor import Supervisor
 
-    spec = _placed(load_spec(args.spec), args.state_dir, args.log_dir, args.run_dir)
+    loaded, sha = load_spec_file(args.spec)
+    spec = _placed(loaded, args.state_dir, args.log_dir, args.run_dir)
     state_dir, log_dir = _dirs(spec)
     grace = spec.grace_seconds if args.grace is None else args.grace
+
+    def reload_spec() -> tuple[NodeSpec, str]:
+        # the same file, moved to the same directories as at the start
+        new, new_sha = load_spec_file(args.spec)
+        return _placed(new, args.state_dir, args.log_dir, args.run_dir), new_sha
     policy = spec.logs
     max_bytes = next(x for x in (args.log_max_bytes, policy and policy.max_bytes,
                                  logs.DEFAULT_MAX_BYTES) if x is not None)
@@ -211,8 +257,12 @@ def cmd_run(args: argparse.Namespace) -> int:
                                logs.DEFAULT_BACKUPS) if x is not None)
     log = logs.setup_launcher_logger(None if args.check else log_dir, max_bytes, backups)
     sup = Supervisor(spec, args.spec, state_dir, log_dir, grace, None, log,
-                     log_max_bytes=max_bytes, log_backups=backups)
+                     log_max_bytes=max_bytes, log_backups=backups, spec_sha256=sha,
+                     reload_spec=reload_spec)
     if not args.check:
+        # from here on a reload request (SIGUSR1, whose default action would end the
+        # launcher) is only counted; the supervision loop handles it
+        signal.signal(signal.SIGUSR1, sup.on_reload_signal)
         try:
             locked = sup.acquire_lock()
         except OSError as exc:
@@ -260,12 +310,106 @@ def cmd_wait(args: argparse.Namespace) -> int:
     return wait_ready(spec, args.timeout, args.interval, log_dir, state_dir)
 
 
-COMMANDS = {"run": cmd_run, "stop": cmd_stop, "wait": cmd_wait}
+def _reload_fail(msg: str, code: int = EXIT_CHILD) -> int:
+    sys.stderr.write(f"pd-launcher reload: {msg}\n")
+    return code
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    """SIGUSR1 to the launcher proven ours (state file entry, or the lock holder when
+    that entry is damaged), then wait for `reloads` or `reload_failures` to go up."""
+    import signal as _signal
+    import time
+
+    from ..nodeutil import launcher_by_lock, same_pid_namespace, verify_recorded
+
+    spec_path = os.path.abspath(args.spec)
+    try:
+        spec = load_spec(spec_path)
+    except LauncherError as exc:
+        return _reload_fail(str(exc))
+    state_dir = args.state_dir or spec.dirs.get("state")
+    if not state_dir:
+        return _reload_fail("no state directory: pass --state-dir or set dirs.state")
+    state_dir = os.path.abspath(state_dir)
+
+    def current() -> Optional[dict]:
+        try:
+            return read_state(state_dir)
+        except (OSError, ValueError):
+            return None
+
+    try:
+        state = read_state(state_dir)
+    except (OSError, ValueError) as exc:
+        return _reload_fail(f"cannot read {state_path(state_dir)}: {exc}")
+    if state is None:
+        return _reload_fail(f"no launcher runs on {state_dir} (no state file)")
+    if not same_pid_namespace(state):
+        return _reload_fail(f"{state_path(state_dir)} comes from another PID namespace "
+                            f"({state.get('pid_namespace')}): run reload where the unit runs")
+    launcher = state.get("launcher") or {}
+    verdict, detail = verify_recorded(launcher) if launcher else ("gone", "no launcher entry")
+    if verdict != "ours":
+        by_lock = launcher_by_lock(state_dir)
+        if by_lock is None:
+            return _reload_fail(f"no live launcher on {state_dir} ({detail})")
+        launcher, detail = by_lock, f"pid {by_lock['pid']} (lock holder)"
+    if os.path.abspath(str(state.get("spec") or "")) != spec_path:
+        return _reload_fail(f"the launcher on {state_dir} runs {state.get('spec')}, not "
+                            f"{spec_path}")
+    if state.get("status") in ("stopping", "failed"):
+        return _reload_fail(f"the launcher on {state_dir} is {state.get('status')}")
+    if "spec_sha256" not in state:
+        return _reload_fail(f"the launcher on {state_dir} ({detail}) predates reload: "
+                            "restart needed", EXIT_RELOAD_REFUSED)
+    reloads0 = int(state.get("reloads") or 0)
+    failures0 = int(state.get("reload_failures") or 0)
+    try:
+        os.kill(int(launcher["pid"]), _signal.SIGUSR1)
+    except OSError as exc:
+        return _reload_fail(f"cannot signal the launcher ({detail}): {exc}")
+    deadline = time.monotonic() + args.timeout
+    while True:
+        time.sleep(0.05)
+        now = current()
+        if now is not None:
+            if int(now.get("reloads") or 0) > reloads0:
+                sys.stdout.write("reloaded (reload {}): spec sha256 {}; signalled {}\n".format(
+                    now.get("reloads"), now.get("spec_sha256"),
+                    ", ".join(now.get("last_reload_signaled") or []) or "no process"))
+                return EXIT_OK
+            if int(now.get("reload_failures") or 0) > failures0:
+                err = str(now.get("reload_error") or "reload failed")
+                if now.get("reload_restart_needed"):
+                    return _reload_fail(f"not reloadable: {err}", EXIT_RELOAD_REFUSED)
+                return _reload_fail(err)
+        if verify_recorded(launcher)[0] != "ours":
+            return _reload_fail(f"the launcher ({detail}) ended before it reloaded")
+        if time.monotonic() >= deadline:
+            return _reload_fail(f"no answer from the launcher ({detail}) within "
+                                f"{args.timeout:g} s")
+
+
+def cmd_quiesce(args: argparse.Namespace) -> int:
+    from .quiesce import quiesce
+
+    try:
+        spec = load_spec(args.spec)
+    except LauncherError as exc:
+        sys.stderr.write(f"pd-launcher quiesce: {exc}\n")
+        return EXIT_CHILD
+    return quiesce(spec, args.use or ["api"], args.timeout, args.interval)
+
+
+COMMANDS = {"run": cmd_run, "stop": cmd_stop, "wait": cmd_wait, "reload": cmd_reload,
+            "quiesce": cmd_quiesce}
 
 
 def main(argv: List[str]) -> int:
     if not argv or argv[0] not in COMMANDS:
-        sys.stderr.write(f"usage: python -m pd_launcher {{run,stop,wait}} ...\n{__doc__}")
+        sys.stderr.write("usage: python -m pd_launcher {run,stop,wait,reload,quiesce} ..."
+                         f"\n{__doc__}")
         return EXIT_USAGE
     cmd = argv[0]
     try:

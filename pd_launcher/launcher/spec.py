@@ -7,6 +7,7 @@ Unknown keys are accepted (the contract may grow); known keys are type-checked.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import re
 from dataclasses import dataclass, field, replace
@@ -72,6 +73,10 @@ class Process:
     ready: Optional[Ready] = None
     #: informative: the global DP ranks this process serves (engines only)
     dp_ranks: Optional[List[int]] = None
+    #: the signal (RELOAD_SIGNALS: "HUP", "USR1", "USR2") that makes the process re-read
+    #: the spec's files; the launcher's reload (SIGUSR1 to it, `pd_launcher reload`)
+    #: sends it after writing them. None: the process is left alone on a reload
+    reload_signal: Optional[str] = None
     #: keys this launcher does not know, kept as they came (the contract may grow)
     extra: Dict[str, Any] = field(default_factory=dict)
     #: the decoded JSON object it was parsed from (never serialised)
@@ -190,7 +195,13 @@ class NodeSpec:
 SPEC_KEYS = ("schema", "cluster", "node", "role", "unit", "phase", "ip", "instance",
              "master", "engine", "base_dir", "dirs", "grace_seconds", "checks", "nic",
              "files", "pre_start", "processes", "proxy", "gate", "logs", "restart")
-PROCESS_KEYS = ("name", "argv", "env", "ports", "ready", "dp_ranks")
+PROCESS_KEYS = ("name", "argv", "env", "ports", "ready", "dp_ranks", "reload_signal")
+#: what a process's `reload_signal` may be (signal names without SIG)
+RELOAD_SIGNALS = ("HUP", "USR1", "USR2")
+#: the top-level keys a reload may change: `files`, and `proxy` (the front door's
+#: block, opaque to the launcher: it describes what the files say). Any other
+#: difference needs a restart of the set.
+RELOADABLE_KEYS = ("files", "proxy")
 
 
 class _V:
@@ -333,10 +344,15 @@ def _parse_process(v: _V, val: Any, where: str) -> Optional[Process]:
             isinstance(r, int) and not isinstance(r, bool) and r >= 0 for r in dp_ranks)):
         v.err(where + ".dp_ranks", f"must be a list of integers >= 0, got {dp_ranks!r}")
         dp_ranks = None
+    reload_signal = val.get("reload_signal")
+    if reload_signal is not None and reload_signal not in RELOAD_SIGNALS:
+        v.err(where + ".reload_signal", "must be one of {} or null, got {!r}".format(
+            " | ".join(RELOAD_SIGNALS), reload_signal))
+        reload_signal = None
     extra = {k: x for k, x in val.items() if k not in PROCESS_KEYS}
     return Process(name=name, argv=argv, env=env, ports=ports, ready=ready,
-                   dp_ranks=None if dp_ranks is None else list(dp_ranks), extra=extra,
-                   raw=val)
+                   dp_ranks=None if dp_ranks is None else list(dp_ranks),
+                   reload_signal=reload_signal, extra=extra, raw=val)
 
 
 def _parse_file(v: _V, val: Any, where: str) -> Optional[SpecFile]:
@@ -573,16 +589,52 @@ def _parse_gate(v: _V, val: Any) -> Optional[Gate]:
 
 
 def load_spec(path: str) -> NodeSpec:
+    return load_spec_file(path)[0]
+
+
+def load_spec_file(path: str) -> Tuple[NodeSpec, str]:
+    """load_spec, and the sha256 (hex) of the bytes it was parsed from."""
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
+        with open(path, "rb") as f:
+            data = f.read()
     except OSError as exc:
         raise LauncherError(f"cannot read node spec {path}: {exc}", EXIT_USAGE) from exc
     try:
-        raw = json.loads(text)
+        raw = json.loads(data.decode("utf-8"))
     except ValueError as exc:
         raise SpecError(path, [f"(json): {exc}"]) from exc
-    return parse_spec(raw, path)
+    return parse_spec(raw, path), hashlib.sha256(data).hexdigest()
+
+
+def reload_differences(old: NodeSpec, new: NodeSpec, limit: int = 5) -> List[str]:
+    """What differs between two specs besides RELOADABLE_KEYS, as field paths
+    (`processes[0].argv`, `dirs.run`, `processes` for a list of another length);
+    empty: `new` can be applied to a running set by a reload. At most `limit` paths
+    (the last one then says how many more there are)."""
+    a, b = spec_to_dict(old), spec_to_dict(new)
+    for key in RELOADABLE_KEYS:
+        a.pop(key, None)
+        b.pop(key, None)
+    out: List[str] = []
+    _diff(a, b, "", out)
+    if len(out) > limit:
+        out = out[:limit - 1] + [f"... and {len(out) - limit + 1} more"]
+    return out
+
+
+def _diff(a: Any, b: Any, where: str, out: List[str]) -> None:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in list(a) + [k for k in b if k not in a]:
+            _diff(a.get(k, _MISSING), b.get(k, _MISSING), f"{where}.{k}" if where else str(k),
+                  out)
+    elif isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        for i, (x, y) in enumerate(zip(a, b)):
+            _diff(x, y, f"{where}[{i}]", out)
+    elif a != b:
+        out.append(where or "(top level)")
+
+
+_MISSING = object()
 
 
 # ----------------------------------------------------------------- serialising
@@ -607,6 +659,8 @@ def _process_to_dict(proc: Process) -> Dict[str, Any]:
     }
     if proc.dp_ranks is not None:
         out["dp_ranks"] = list(proc.dp_ranks)
+    if proc.reload_signal is not None:
+        out["reload_signal"] = proc.reload_signal
     out.update(proc.extra)
     return out
 
@@ -615,8 +669,9 @@ def spec_to_dict(spec: NodeSpec) -> Dict[str, Any]:
     """The JSON form of a spec: what the planner emits and parse_spec reads back.
 
     The one serialiser of the contract. Keys come in SPEC_KEYS order; `unit` and
-    `phase` only when set (service units), `dp_ranks` and `ready.headers` only when
-    set, `gate`, `logs` and `restart` only when set, unknown keys kept from parsing come last.
+    `phase` only when set (service units), `dp_ranks`, `reload_signal` and
+    `ready.headers` only when set, `gate`, `logs` and `restart` only when set, unknown
+    keys kept from parsing come last.
     `source` and `raw` never appear.
     parse_spec(spec_to_dict(s)) == s, and spec_to_dict(parse_spec(d)) == d for every
     d in this canonical form (what the planner emits).

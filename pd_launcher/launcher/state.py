@@ -21,12 +21,21 @@ Format (schema 1)::
       "last_restart": null | 1700000100.2,        # when the last restart began
       "last_failure": null | {...},               # its cause, shaped like `failure`
       "next_restart_at": null | 1700000101.2,     # while "restarting"
+      "spec_sha256": "ab12...",                   # sha256 of the spec file it runs
+      "reloads": 0,                               # reloads applied (SIGUSR1, `reload`)
+      "last_reload": null | 1700000200.0,         # when the last one was applied
+      "last_reload_signaled": ["proxy-agent"],    # processes it sent reload_signal to
+      "reload_failures": 0,                       # reloads refused or failed
+      "reload_error": null | "processes[0].argv differs: restart needed",
+      "reload_restart_needed": false,             # that failure: other fields differ
       "updated_at": 1700000000.0
     }
 
 `argv` and `cmdline` are stored masked (``--api-key ***``): the file holds no secrets.
-State files written before the restart fields existed lack them (readers take
-0 / null). `start_time` is field 22 of /proc/PID/stat (clock ticks since boot).
+State files written before the restart or reload fields existed lack them (readers
+take 0 / null; `reload` takes a missing `spec_sha256` as "this launcher cannot reload").
+`reload_error` is cleared by the next successful reload.
+`start_time` is field 22 of /proc/PID/stat (clock ticks since boot).
 Reading the file (``read_state``) and the atomic write are in ``pd_launcher.nodeutil``,
 shared with the Ansible modules; they are re-exported here.
 """

@@ -8,6 +8,14 @@ then, with the spec's restart policy `on-failure`, the launcher waits a backoff
 (status `restarting`; a stop signal ends the wait at once) and starts the whole set
 again, until `restart.max` restarts within `restart.window_s` have been used up;
 otherwise (policy `never`, no `restart` block, or no restart left) it exits 1.
+
+SIGUSR1 asks for a reload (`python -m pd_launcher reload`): the loop re-reads the spec
+file it was started with; when it differs from the running spec only in `files` (and
+the opaque `proxy` block: spec.RELOADABLE_KEYS), the new files are written atomically,
+the new spec replaces the running one (a later restart of the set uses it) and every
+running process with a `reload_signal` gets that signal. Anything else differing is
+refused: nothing changes, `reload_error` in the state file names the fields. The set
+keeps running either way.
 """
 from __future__ import annotations
 
@@ -21,7 +29,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from . import logs, procinfo
 from .common import (
@@ -35,11 +43,13 @@ from .common import (
     shell_quote_argv,
     tail_lines,
 )
-from .spec import NodeSpec, Process, RestartPolicy
+from .spec import NodeSpec, Process, RestartPolicy, SpecFile, load_spec_file, reload_differences
 from .state import LOCK_FILE, STATE_DIR_MODE, atomic_write, remove_state, write_state
 from .stop import Target, terminate
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+#: asks the launcher to re-read its spec and apply a change of its files (reload)
+RELOAD_SIGNAL = signal.SIGUSR1
 # Proxy settings are not passed on to what the launcher starts: engines and services
 # talk to node-local and cluster addresses (KV transfer, DP rendezvous, coordinators),
 # which a proxy inherited from a login shell or a container image would break. A
@@ -90,9 +100,23 @@ class Supervisor:
     def __init__(self, spec: NodeSpec, spec_path: str, state_dir: str, log_dir: str,
                  grace: float, nic_name: Optional[str], log: logging.Logger,
                  log_max_bytes: int = logs.DEFAULT_MAX_BYTES,
-                 log_backups: int = logs.DEFAULT_BACKUPS) -> None:
+                 log_backups: int = logs.DEFAULT_BACKUPS,
+                 spec_sha256: Optional[str] = None,
+                 reload_spec: Optional[Callable[[], Tuple[NodeSpec, str]]] = None) -> None:
         self.spec = spec
         self.spec_path = os.path.abspath(spec_path)
+        self.spec_sha256 = spec_sha256
+        # how a reload reads the spec again (cli: the file moved to the command line's
+        # directories, like at the start); the parsed spec and the file's sha256
+        self.reload_spec = reload_spec or (lambda: load_spec_file(self.spec_path))
+        self.reload_requests = 0  # SIGUSR1s received (the handler only counts)
+        self.reload_seen = 0      # ... of which handled
+        self.reloads = 0
+        self.last_reload: Optional[float] = None
+        self.last_reload_signaled: List[str] = []
+        self.reload_failures = 0
+        self.reload_error: Optional[str] = None
+        self.reload_restart_needed = False
         self.state_dir = state_dir
         self.log_dir = log_dir
         self.grace = grace
@@ -171,6 +195,13 @@ class Supervisor:
             "last_restart": self.last_restart,
             "last_failure": self.last_failure,
             "next_restart_at": self.next_restart_at,
+            "spec_sha256": self.spec_sha256,
+            "reloads": self.reloads,
+            "last_reload": self.last_reload,
+            "last_reload_signaled": list(self.last_reload_signaled),
+            "reload_failures": self.reload_failures,
+            "reload_error": self.reload_error,
+            "reload_restart_needed": self.reload_restart_needed,
         }
 
     def save_state(self) -> None:
@@ -202,6 +233,9 @@ class Supervisor:
     def _on_sigchld(self, _signum: int, _frame: Any) -> None:
         pass  # the wakeup fd does the work
 
+    def on_reload_signal(self, _signum: int, _frame: Any) -> None:
+        self.reload_requests += 1  # the loop does the work (handle_reload)
+
     def install_signals(self) -> None:
         self._wake_r, self._wake_w = os.pipe()
         for fd in (self._wake_r, self._wake_w):
@@ -211,6 +245,7 @@ class Supervisor:
         for sig in STOP_SIGNALS:
             self._old_handlers[sig] = signal.signal(sig, self._on_stop_signal)
         self._old_handlers[signal.SIGCHLD] = signal.signal(signal.SIGCHLD, self._on_sigchld)
+        self._old_handlers[RELOAD_SIGNAL] = signal.signal(RELOAD_SIGNAL, self.on_reload_signal)
 
     def restore_signals(self) -> None:
         for sig, handler in self._old_handlers.items():
@@ -259,8 +294,8 @@ class Supervisor:
                                       else status)
 
     # ---- start -------------------------------------------------------------------
-    def write_files(self) -> None:
-        for f in self.spec.files:
+    def write_files(self, files: Optional[List[SpecFile]] = None) -> None:
+        for f in self.spec.files if files is None else files:
             atomic_write(f.path, f.content.encode("utf-8"), f.mode)
             self.log.info("wrote %s (mode %04o, %d bytes)", f.path, f.mode, len(f.content))
 
@@ -490,6 +525,8 @@ class Supervisor:
                 return None
             self._sleep(min(remaining, LOOP_INTERVAL))
             self.reap()
+            if self.reload_requests != self.reload_seen and not self.stop_requests:
+                self.handle_reload()  # nothing runs: the new files serve the next start
         self.log.info("stop requested during the restart backoff")
         return EXIT_OK
 
@@ -523,6 +560,9 @@ class Supervisor:
                 for c in exited:
                     self.report_exit(c)
                 return EXIT_CHILD
+            if self.reload_requests != self.reload_seen:
+                self.handle_reload()
+                continue  # reaps and looks at the children again before sleeping
             now = time.monotonic()
             if now - last_rotate >= LOOP_INTERVAL:
                 last_rotate = now
@@ -541,3 +581,59 @@ class Supervisor:
                 continue
             if done:
                 (self.log.info if done == "rotated" else self.log.warning)("%s %s", done, path)
+
+    # ---- reload (SIGUSR1) ------------------------------------------------------------
+    def handle_reload(self) -> None:
+        """Apply the spec file's new `files` to the running set (see the module's doc).
+        Records `reloads` / `last_reload` or `reload_failures` / `reload_error` (with
+        `reload_restart_needed`: fields other than files differ) in the state file."""
+        self.reload_seen = self.reload_requests  # a signal during the work: once more
+        self.log.info("reload requested: reading %s", self.spec_path)
+        try:
+            new, sha = self.reload_spec()
+        except LauncherError as exc:
+            self._reload_failed(f"cannot load the spec: {exc}", restart_needed=False)
+            return
+        diffs = reload_differences(self.spec, new)
+        if diffs:
+            self._reload_failed("; ".join(f"{d} differs" for d in diffs)
+                                + ": restart needed", restart_needed=True)
+            return
+        try:
+            if new.dirs.get("run"):
+                os.makedirs(new.dirs["run"], exist_ok=True)
+            self.write_files(new.files)
+        except OSError as exc:
+            self._reload_failed(f"cannot write the spec's files: {exc}", restart_needed=False)
+            return
+        self.spec, self.spec_sha256 = new, sha
+        by_name = {p.name: p for p in new.processes}
+        signaled: List[str] = []
+        for c in self.children:
+            c.proc = by_name.get(c.proc.name, c.proc)
+            if not c.proc.reload_signal or c.status is not None:
+                continue
+            sig = getattr(signal, "SIG" + c.proc.reload_signal)
+            try:
+                os.kill(c.pid, sig)  # our unreaped child: the PID cannot be another's
+            except OSError as exc:
+                self.log.warning("reload: cannot send SIG%s to %s (pid %d): %s",
+                                 c.proc.reload_signal, c.proc.name, c.pid, exc)
+                continue
+            signaled.append(c.proc.name)
+            self.log.info("reload: sent SIG%s to %s (pid %d)", c.proc.reload_signal,
+                          c.proc.name, c.pid)
+        self.reloads += 1
+        self.last_reload = time.time()
+        self.last_reload_signaled = signaled
+        self.reload_error, self.reload_restart_needed = None, False
+        self.log.info("reload %d done: %d file(s) written, signalled %s; spec sha256 %s",
+                      self.reloads, len(new.files), ", ".join(signaled) or "no process", sha)
+        self.save_state()
+
+    def _reload_failed(self, msg: str, restart_needed: bool) -> None:
+        self.reload_failures += 1
+        self.reload_error = mask_text(msg)
+        self.reload_restart_needed = restart_needed
+        self.log.error("reload failed, the running spec stays: %s", self.reload_error)
+        self.save_state()

@@ -20,6 +20,14 @@ description:
     processes proven ours are signalled); starting runs C(pd_launcher run --check) and
     then C(pd_launcher run) in its own session, without waiting for readiness (the
     caller waits with C(pd_launcher wait), so all nodes of an instance start together).
+  - Reload instead of a restart - when the unit is alive, its launcher package did not
+    change, O(force_restart) is false, the spec changed and the new spec has a process
+    with a C(reload_signal) (the front door's proxy agent), C(pd_launcher reload) runs
+    after the new spec file was written. The launcher applies it when only the spec's
+    C(files) (and C(proxy) block) changed - it writes them and signals those processes,
+    nothing is restarted, in-flight requests go on - and RV(action) is C(reload). When
+    other fields differ (its exit 3) the unit is restarted as usual and
+    RV(reload_refused) says why; any other failure of the reload fails the task.
   - Supports check mode (reports what would change, runs nothing).
 author: pd-deploy
 options:
@@ -77,10 +85,16 @@ need_bundle:
   type: bool
   returned: always
 action:
-  description: What was (or would be) done, C(keep), C(start), C(restart) (or C(none)).
-    C(none) goes with need_bundle.
+  description: What was (or would be) done, C(keep), C(start), C(restart), C(reload) (or
+    C(none)). C(none) goes with need_bundle. C(reload) - the running launcher applied
+    the new spec's files without a restart (check mode - would try to).
   type: str
   returned: always
+reload_refused:
+  description: Why the launcher refused a reload (fields other than files differ, e.g.
+    C(processes[0].argv differs - restart needed)); the unit was restarted instead.
+  type: str
+  returned: when a reload was refused
 lib_changed:
   description: The launcher package was (or would be) unpacked.
   type: bool
@@ -95,7 +109,8 @@ created:
   elements: str
   returned: always
 healthy:
-  description: Every process passed its readiness probe before this run and was left running.
+  description: Every process passed its readiness probe before this run and was left
+    running (kept, or reloaded - the probes of before the reload).
   type: bool
   returned: always
 running:
@@ -121,6 +136,10 @@ import subprocess
 
 from ansible.module_utils.basic import AnsibleModule
 from ansible.module_utils.pd_unit import UnitError, install_unit, unit_info
+
+#: `pd_launcher reload`: how long to wait for the launcher (s); its "not reloadable" exit
+RELOAD_TIMEOUT = 30
+RELOAD_REFUSED = 3
 
 
 def _launcher(module: AnsibleModule, env: dict, args: list, what: str) -> str:
@@ -168,13 +187,19 @@ def main() -> None:
         module.warn(d)
     # running, or still starting / backing off (the caller waits)
     alive = bool(now["running"] or now["launcher_alive"])
-    if alive and (inst["lib_changed"] or inst["spec_changed"] or p["force_restart"]):
+    reloadable = any(isinstance(q, dict) and q.get("reload_signal")
+                     for q in spec.get("processes") or [])
+    if (alive and inst["spec_changed"] and reloadable and not inst["lib_changed"]
+            and not p["force_restart"]):
+        action = "reload"  # falls back to restart when the launcher refuses
+    elif alive and (inst["lib_changed"] or inst["spec_changed"] or p["force_restart"]):
         action = "restart"
     elif alive:
         action = "keep"
     else:
         action = "start"  # also a unit installed or changed while it was not running
-    result = dict(inst, action=action, healthy=bool(now["healthy"] and action == "keep"),
+    result = dict(inst, action=action,
+                  healthy=bool(now["healthy"] and action in ("keep", "reload")),
                   running=now["running"], launcher_alive=now["launcher_alive"],
                   recorded=now["recorded"], restarts=now["restarts"], damage=now["damage"])
     result["changed"] = bool(inst["changed"] or action != "keep")
@@ -183,6 +208,20 @@ def main() -> None:
     env = dict(os.environ, **{k: str(v) for k, v in p["environment"].items()},
                PYTHONPATH=p["lib_dir"])
     state_args = ["--state-dir", dirs["state"]]
+    if action == "reload":
+        res = subprocess.run([p["python"], "-m", "pd_launcher", "reload", inst["spec_path"]]
+                             + state_args + ["--timeout", str(RELOAD_TIMEOUT)],
+                             cwd=p["lib_dir"], env=env, stdin=subprocess.DEVNULL,
+                             capture_output=True, text=True, check=False)
+        if res.returncode == 0:
+            module.exit_json(**result)
+        why = (res.stderr or res.stdout).strip()
+        if res.returncode != RELOAD_REFUSED:
+            module.fail_json(msg=f"reloading the unit failed (exit {res.returncode}): {why}",
+                             rc=res.returncode, stdout=res.stdout, stderr=res.stderr)
+        # fields other than files differ: the normal restart
+        result.update(action="restart", healthy=False,
+                      reload_refused=why.split("not reloadable: ", 1)[-1])
     if now["recorded"] and os.path.exists(os.path.join(dirs["state"], "launcher.json")):
         err = _launcher(module, env, ["stop"] + state_args, "stopping the unit")
         result["damage"] += [line.split("damage: ", 1)[1] for line in err.splitlines()
