@@ -100,6 +100,8 @@ def make_cluster(root: Path, subnet: str, runtime: str = "process",
         "pd_served_model_name": "demo",
         "pd_kv_port": 36000,
         "pd_runtime": runtime,
+        # a test machine running systemd would otherwise get boot units in /etc/systemd
+        "pd_systemd": "false",
         "pd_grace_seconds": 5,
         "pd_ready_timeout": 90,
         "pd_base_dir": str(root / "nodes") + "/{{ inventory_hostname }}",
