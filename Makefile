@@ -53,7 +53,7 @@ plan: venv
 lint: venv
 	$(BIN)/ruff check pd_deploy pd_launcher plugins tests bench
 	$(BIN)/yamllint -s .
-	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/ansible-lint --profile production --offline -q site.yml status.yml cleanup.yml logs.yml playbooks roles
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/ansible-lint --profile production --offline -q site.yml status.yml cleanup.yml logs.yml restart.yml playbooks roles
 
 unit: venv
 	$(BIN)/pytest -q tests/unit $(PYTEST_ARGS)

@@ -131,8 +131,57 @@ def unit_row(host: str, name: str, spec: Mapping[str, Any], unit: Mapping[str, A
             "restarts": _restarts(unit), "ports": ports or "-", "uptime": uptime, "image": image}
 
 
-def pd_status_table(plan: Mapping[str, Any], hostvars: Mapping[str, Any]) -> list[str]:
+def is_stale(expected: str, unit: Mapping[str, Any] | None) -> bool:
+    """The unit runs (or has installed) another spec than the one planned now: what its
+    launcher recorded it runs, else its spec file on the node."""
+    if not unit or not unit.get("recorded"):
+        return False
+    have = unit.get("running_spec_sha256") or unit.get("spec_sha256")
+    return bool(have) and have != expected
+
+
+def orphan_rows(removals: list[Mapping[str, Any]], hostvars: Mapping[str, Any]
+                ) -> list[dict[str, str]]:
+    """Rows of the units the deployment record has and the inventory no longer does
+    (status.yml looked at them with the recorded connection)."""
     rows = []
+    for entry in removals:
+        host = entry["host"]
+        hv = hostvars[host] if host in hostvars else {}
+        report = (hv.get("pd_status_orphans") if hasattr(hv, "get") else None) or {}
+        units = dict(report.get("units") or {})
+        for u in entry["units"]:
+            got = units.get(u["name"]) or {}
+            procs = got.get("processes") or []
+            if report.get("unreachable"):
+                state = "ORPHAN (unreachable)"
+            elif not report:
+                state = "ORPHAN (not looked at)"
+            elif got.get("running"):
+                state = "ORPHAN running"
+            elif got.get("recorded"):
+                state = "ORPHAN degraded"
+            else:
+                state = "ORPHAN stopped"
+            ports = ",".join(sorted({p.split("/")[0].rsplit(":", 1)[-1] for proc in procs
+                                     for p in proc.get("ports", [])
+                                     if p.endswith(("/api", "/proxy"))}))
+            ready = sum(1 for p in procs if p.get("ready"))
+            rows.append({"node": host, "role": u["name"], "instance": u.get("instance") or "-",
+                         "dp ranks": _ranks(sorted(r for p in procs
+                                                   for r in p.get("dp_ranks", []))),
+                         "state": state,
+                         "health": f"{ready}/{len(procs)} ready" if procs else "-",
+                         "restarts": _restarts(got), "ports": ports or "-",
+                         "uptime": _uptime(got.get("uptime_s")), "image": u.get("image") or "-"})
+    return rows
+
+
+def pd_status_table(plan: Mapping[str, Any], hostvars: Mapping[str, Any],
+                    removals: list[Mapping[str, Any]] | None = None) -> list[str]:
+    from pd_deploy.record import spec_sha256, unit_spec
+
+    rows, stale = [], []
     for host, by_role in plan["specs"].items():  # per host: P/D, services, C
         hv = hostvars[host]
         runtime = hv.get("pd_runtime", "process") if hasattr(hv, "get") else "process"
@@ -144,8 +193,20 @@ def pd_status_table(plan: Mapping[str, Any], hostvars: Mapping[str, Any]) -> lis
             row = unit_row(host, name, spec, units.get(name), containers, runtime)
             if (reach or {}).get("unreachable"):  # status.yml could not reach the host
                 row.update(state="unreachable", health="-", uptime="-")
+            elif is_stale(spec_sha256(unit_spec(plan, host, name, hv)), units.get(name)):
+                row.update(state=f"STALE {row['state']}")
+                stale.append(f"{host}/{name}")
             rows.append(row)
-    lines = format_table(rows)
+    orphans = orphan_rows(removals or [], hostvars)
+    lines = format_table(rows + orphans)
+    if stale:
+        lines.append(f"{len(stale)} stale unit(s), running another spec than the inventory "
+                     f"gives now: {', '.join(stale)} (site.yml restarts them; with "
+                     "-e pd_rolling=true one instance at a time)")
+    if orphans:
+        lines.append(f"{len(orphans)} orphan unit(s) on hosts or units the inventory no "
+                     f"longer has: {', '.join(r['node'] + '/' + r['role'] for r in orphans)} "
+                     "(the deployment record has them; site.yml drains and removes them)")
     for host in plan["specs"]:
         hv = hostvars[host]
         report = hv.get("pd_status_gates") if hasattr(hv, "get") else None

@@ -97,6 +97,10 @@ converged:
   description: With O(converged), the unit runs the wanted spec and launcher and is ready.
   type: bool
   returned: always
+running:
+  description: With O(converged), the unit's launcher is alive (whatever spec it runs).
+  type: bool
+  returned: always
 free_mb:
   description: Free space under the base directory (or its nearest existing parent), MiB.
   type: int
@@ -120,7 +124,7 @@ import shutil
 
 from ansible.module_utils.basic import AnsibleModule
 from ansible.module_utils.pd_node import port_problem, read_state, verify_recorded
-from ansible.module_utils.pd_unit import UnitError, lib_is, unit_converged
+from ansible.module_utils.pd_unit import UnitError, lib_is, unit_converged, unit_info
 
 
 def _read_state(state_dir: str) -> dict:
@@ -231,7 +235,7 @@ def main() -> None:
     if errors:
         module.fail_json(msg=f"{spec.get('node')} ({spec.get('role')}): " + "; ".join(errors),
                          errors=errors, free_mb=free_mb)
-    converged, lib_current = False, None
+    converged, lib_current, running = False, None, False
     want = module.params["converged"]
     if want:
         try:
@@ -239,10 +243,14 @@ def main() -> None:
             converged = lib_current and unit_converged(
                 want["spec_path"], want["spec_sha256"], want["lib_dir"],
                 want["bundle_sha256"], module.params["state_dir"])
+            # its launcher lives (site.yml -e pd_rolling=true leaves such a unit, if
+            # changed, to the roll)
+            running = converged or bool(unit_info(module.params["state_dir"], None,
+                                                  probe=False)["launcher_alive"])
         except (UnitError, KeyError):
             converged = False
     module.exit_json(changed=False, free_mb=free_mb, owned_ports=len(owned),
-                     converged=converged, lib_current=lib_current)
+                     converged=converged, lib_current=lib_current, running=running)
 
 
 if __name__ == "__main__":

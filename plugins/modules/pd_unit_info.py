@@ -67,6 +67,16 @@ EXAMPLES = r"""
 """
 
 RETURN = r"""
+spec_sha256:
+  description: sha256 of the unit's spec file on the node (null without one); status.yml
+    compares it with the spec planned now (a unit whose spec changed is stale).
+  type: str
+  returned: always
+running_spec_sha256:
+  description: sha256 of the spec file the unit's launcher runs (its state file), when
+    the launcher records it; differs from RV(spec_sha256) until it restarts or reloads.
+  type: str
+  returned: always
 units:
   description: With O(units), the single-unit result of each unit, keyed by its name.
   type: dict
@@ -145,8 +155,31 @@ now:
   returned: always
 """
 
+import hashlib
+import json
+import os
+
 from ansible.module_utils.basic import AnsibleModule
 from ansible.module_utils.pd_unit import UnitError, unit_info
+
+
+def spec_hashes(state_dir: str, spec_path: str | None) -> dict:
+    """The spec file's sha256 and the one the launcher recorded it runs (both None when
+    absent or unreadable: status then cannot call the unit stale)."""
+    out = {"spec_sha256": None, "running_spec_sha256": None}
+    if spec_path:
+        try:
+            with open(spec_path, "rb") as f:
+                out["spec_sha256"] = hashlib.sha256(f.read()).hexdigest()
+        except OSError:
+            pass
+    try:
+        with open(os.path.join(state_dir, "launcher.json"), encoding="utf-8") as f:
+            sha = json.load(f).get("spec_sha256")
+        out["running_spec_sha256"] = sha if isinstance(sha, str) else None
+    except (OSError, ValueError, AttributeError):
+        pass
+    return out
 
 
 def main() -> None:
@@ -172,13 +205,16 @@ def main() -> None:
         if p["units"] is not None:
             units = {}
             for u in p["units"]:
-                units[u["name"]] = unit_info(u["state_dir"], u.get("spec_path"), p["probe"],
-                                             p["timeout"], p["check_pids"])
+                units[u["name"]] = dict(
+                    unit_info(u["state_dir"], u.get("spec_path"), p["probe"], p["timeout"],
+                              p["check_pids"]),
+                    **spec_hashes(u["state_dir"], u.get("spec_path")))
             result = {"changed": False, "units": units,
                       "damage": [d for r in units.values() for d in r["damage"]]}
         else:
-            result = unit_info(p["state_dir"], p["spec_path"], p["probe"], p["timeout"],
-                               p["check_pids"])
+            result = dict(unit_info(p["state_dir"], p["spec_path"], p["probe"], p["timeout"],
+                                    p["check_pids"]),
+                          **spec_hashes(p["state_dir"], p["spec_path"]))
     except UnitError as exc:
         module.fail_json(msg=str(exc))
     for d in result["damage"]:
