@@ -3,7 +3,8 @@
 #   A: tests/integration + tests/fixtures (Ansible runs, containers, sshd; each
 #      integration test owns its loopback subnet, 127.0.<n>.0/24)
 #   B: everything else (unit, launcher, emulator, proxy, conformance: 127.0.0.1 and
-#      127.0.1.x, never an integration subnet)
+#      127.0.1.x, never an integration subnet; bench smoke runs and tests/day2, which
+#      run playbooks too, each on a subnet of its own: 127.0.77, 127.0.8, 127.0.80)
 # Each stream is sequential, as before; the machine was ~40% idle during a single
 # sequential run (user+sys 34.5 min in 29.4 min wall on 2 cores).
 #

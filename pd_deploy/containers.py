@@ -207,6 +207,25 @@ def run_sha256(spec: Mapping[str, Any], settings: Mapping[str, Any]) -> str:
     return hashlib.sha256("\0".join(run_argv(spec, plain)).encode()).hexdigest()
 
 
+def reloadable(spec: Mapping[str, Any]) -> bool:
+    """A process of the unit takes a reload signal (the front door's agent): a spec that
+    differs only in what its launcher reloads is applied in place (pd_launcher reload)."""
+    return any(p.get("reload_signal") for p in spec.get("processes", []))
+
+
+def spec_sha256(spec: Mapping[str, Any]) -> str:
+    """The container's pd.spec-sha256 label: the sha256 of the spec file the node gets
+    (canonical JSON), or for a reloadable unit of the spec without what its launcher
+    reloads in place (RELOADABLE_KEYS: files, proxy), so that a change of the front
+    door's pools reloads the running container instead of recreating it."""
+    from pd_launcher.launcher.spec import RELOADABLE_KEYS
+
+    if reloadable(spec):
+        spec = {k: v for k, v in spec.items() if k not in RELOADABLE_KEYS}
+    return hashlib.sha256((json.dumps(spec, indent=2, sort_keys=True) + "\n").encode()
+                          ).hexdigest()
+
+
 def stop_timeout(spec: Mapping[str, Any]) -> int:
     return int(spec.get("grace_seconds", 30)) + STOP_MARGIN_S
 

@@ -39,6 +39,8 @@ def _wrap(name: str, func):
 FILTERS = {
     "pd_container_run_argv": containers.run_argv,
     "pd_container_run_sha256": containers.run_sha256,
+    "pd_container_spec_sha256": containers.spec_sha256,
+    "pd_container_reloadable": containers.reloadable,
     "pd_container_decide": containers.decide,
     "pd_container_ps_argv": containers.ps_argv,
     "pd_container_ps": containers.parse_ps,

@@ -101,6 +101,10 @@ running:
   description: With O(converged), the unit's launcher is alive (whatever spec it runs).
   type: bool
   returned: always
+systemd:
+  description: The node runs systemd (C(/run/systemd/system) exists).
+  type: bool
+  returned: always
 free_mb:
   description: Free space under the base directory (or its nearest existing parent), MiB.
   type: int
@@ -249,8 +253,10 @@ def main() -> None:
                                                   probe=False)["launcher_alive"])
         except (UnitError, KeyError):
             converged = False
+    # node_unit installs a boot-time systemd service only where systemd runs
     module.exit_json(changed=False, free_mb=free_mb, owned_ports=len(owned),
-                     converged=converged, lib_current=lib_current, running=running)
+                     converged=converged, lib_current=lib_current, running=running,
+                     systemd=os.path.isdir("/run/systemd/system"))
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ Needs root, podman + runc + catatonit (.ci/setup-podman.sh) and the test image
 """
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -159,6 +160,27 @@ def _cycle(cluster: Cluster, stores: dict[str, NodeStore], tarball, image_id: st
     assert now["d1b"] != ids["d1b"] and _ours(stores["d1b"])[0]["State"] == "running"
     assert {h: i for h, i in now.items() if h != "d1b"} == {
         h: i for h, i in ids.items() if h != "d1b"}
+
+    # rolling restart of the P instances (restart.yml): their containers are recreated,
+    # one instance at a time; the decode and the front door are left alone
+    cluster.playbook("restart.yml", "-e", "pd_restart_scope=P")
+    rolled = {h: _ours(s)[0]["Id"] for h, s in stores.items()}
+    assert all(rolled[h] != now[h] for h in ("p1a", "p1b", "p2")), (rolled, now)
+    assert all(rolled[h] == now[h] for h in ("d1a", "d1b", "c1")), (rolled, now)
+    assert all(_ours(stores[h])[0]["State"] == "running" for h in stores)
+    exercise_proxy(cluster)
+
+    # a change of the front door's configuration only (here its overload limit) is
+    # reloaded inside the running container (pd_launcher reload), not recreated
+    conf = cluster.root / "nodes" / "c1" / "run" / "C" / "nginx.conf"
+    assert "limit_conn pd_inflight" not in conf.read_text()
+    cluster.playbook("site.yml", "-e", "pd_proxy_max_inflight=64")
+    assert "limit_conn pd_inflight 64" in conf.read_text()
+    assert _ours(stores["c1"])[0]["Id"] == rolled["c1"], "front door container recreated"
+    state = json.loads((cluster.root / "nodes/c1/state/C/launcher.json").read_text())
+    assert state["reloads"] >= 1, state
+    exercise_proxy(cluster)
+    cluster.playbook("site.yml")  # back to no limit: reloaded again
 
     cluster.playbook("cleanup.yml")
     for host, store in stores.items():

@@ -233,3 +233,15 @@ def node(tmp_path: Path):
         yield env
     finally:
         env.cleanup()
+
+# prints the file's content at start and on each SIGHUP
+HUP_READER = (
+    "import signal, sys, time\n"
+    "path = sys.argv[1]\n"
+    "def h(s, f):\n"
+    "    print('HUP ' + open(path).read().strip(), flush=True)\n"
+    "signal.signal(signal.SIGHUP, h)\n"
+    "print('up ' + open(path).read().strip(), flush=True)\n"
+    "while True:\n"
+    "    time.sleep(1)\n"
+)

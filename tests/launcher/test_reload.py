@@ -13,23 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import PY, free_port, has_line, pid_alive, wait_for
+from .conftest import HUP_READER, PY, free_port, has_line, pid_alive, wait_for
 
 pytestmark = pytest.mark.slow  # real child processes
 
 HOST = "127.0.78.1"
 
-# prints the file's content at start and on each SIGHUP
-HUP_READER = (
-    "import signal, sys, time\n"
-    "path = sys.argv[1]\n"
-    "def h(s, f):\n"
-    "    print('HUP ' + open(path).read().strip(), flush=True)\n"
-    "signal.signal(signal.SIGHUP, h)\n"
-    "print('up ' + open(path).read().strip(), flush=True)\n"
-    "while True:\n"
-    "    time.sleep(1)\n"
-)
 
 # reports any of the reload signals it gets (it must get none)
 WATCHER = (

@@ -15,21 +15,11 @@ import pytest
 from pd_deploy.proxy_config import proxy_unit
 from pd_launcher.proxy_agent import Agent
 from tests.proxy.harness import Backend, Proxy, http, metric, needs_nginx, parse_metrics, post
+from tests.unit.unitnode import wait_for
 
 PROXY_HOST = "127.0.78.10"
 PREFILL = "127.0.78.11"
 DECODE = ["127.0.78.21", "127.0.78.22", "127.0.78.23"]
-
-
-def wait_for(pred, timeout: float = 10.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        val = pred()
-        if val:
-            return val
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
 
 
 @pytest.fixture

@@ -475,3 +475,22 @@ def test_filter_plugin_names_and_errors():
         f["pd_container_run_argv"](specs()["p1"]["P"], {})
     with pytest.raises(AnsibleFilterError, match="pd_image_archive"):
         f["pd_image_archive"]("/nonexistent/x.tar")
+
+
+def test_spec_label_of_a_reloadable_unit_leaves_out_what_a_reload_applies():
+    import hashlib
+    import json
+
+    from pd_deploy.containers import reloadable, spec_sha256
+
+    engine = {"processes": [{"name": "e"}], "files": [{"path": "/x", "content": "1"}]}
+    canon = hashlib.sha256((json.dumps(engine, indent=2, sort_keys=True) + "\n").encode())
+    assert not reloadable(engine)
+    assert spec_sha256(engine) == canon.hexdigest()  # the spec file's own checksum
+    assert spec_sha256(engine) != spec_sha256(dict(engine, files=[]))
+    door = {"processes": [{"name": "proxy-agent", "reload_signal": "HUP"}],
+            "files": [{"path": "/x", "content": "1"}], "proxy": {"decode": ["a:1"]}}
+    assert reloadable(door)
+    assert spec_sha256(door) == spec_sha256(dict(door, files=[], proxy={"decode": []}))
+    assert spec_sha256(door) != spec_sha256(dict(door, processes=[
+        {"name": "proxy-agent", "reload_signal": "HUP", "argv": ["x"]}]))

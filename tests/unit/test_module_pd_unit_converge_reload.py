@@ -8,6 +8,8 @@ import json
 
 import pytest
 
+from tests.launcher.conftest import HUP_READER
+
 from .modharness import load, ok
 from .unitnode import PY, pid_alive, pids, wait_for
 
@@ -15,16 +17,6 @@ pytestmark = pytest.mark.slow  # real launcher processes
 
 IP = "127.0.78.5"
 
-HUP_READER = (
-    "import signal, sys, time\n"
-    "path = sys.argv[1]\n"
-    "def h(s, f):\n"
-    "    print('HUP ' + open(path).read().strip(), flush=True)\n"
-    "signal.signal(signal.SIGHUP, h)\n"
-    "print('up ' + open(path).read().strip(), flush=True)\n"
-    "while True:\n"
-    "    time.sleep(1)\n"
-)
 
 
 @pytest.fixture(scope="module")
