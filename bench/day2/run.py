@@ -213,13 +213,13 @@ def unit_pids(root: Path, hosts: list[str]) -> dict[str, list[int] | None]:
 
 
 def pid_alive(pid: int) -> bool:
+    """The process exists and is not a zombie (a stopped launcher whose parent, after
+    the module that started it exited, has not reaped it yet is gone)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
         return False
-    except PermissionError:
-        return True
-    return True
 
 
 def unit_of(key: str) -> str:
