@@ -78,13 +78,17 @@ def roll_plan(plan: Mapping[str, Any], scope: str = "all", instances: Any = None
 
 
 def pending_instances(plan: Mapping[str, Any], hostvars: Mapping[str, Any]) -> list[str]:
-    """Instances with a unit that site.yml -e pd_rolling=true left to the roll (a host's
-    `pd_unit_roll_pending`, set by node_unit), in plan order."""
+    """Instances with an engine unit that site.yml -e pd_rolling=true left to the roll:
+    preflight found its launcher alive (`running`) but not running the planned spec and
+    launcher (`converged`); node_unit skipped it for the same reason. In plan order."""
     out = []
     for inst in plan["instances"]:
         for host in inst["hosts"]:
             hv = hostvars[host] if host in hostvars else {}
-            if hasattr(hv, "get") and hv.get("pd_unit_roll_pending"):
+            report = hv.get("pd_preflight_report") if hasattr(hv, "get") else None
+            results = (report or {}).get("results") or []
+            if any(r.get("item") == inst["role"] and r.get("running")
+                   and not r.get("converged") for r in results if isinstance(r, Mapping)):
                 out.append(inst["name"])
                 break
     return out

@@ -266,23 +266,3 @@ def unit_files(specs: Mapping[str, Mapping[str, Any]], units: list[str],
         name = unit_name(spec)
         out.append({"unit": u, "name": name, "path": f"{base}/{name}", "marker": marker(spec)})
     return out
-
-
-def owned(files: list[Mapping[str, Any]], slurped: list[Mapping[str, Any]]) -> list[dict]:
-    """The entries of FILES (unit_files) whose file exists and carries their marker line
-    exactly, given ansible.builtin.slurp's results (same order; a failed or skipped slurp:
-    no file). A file without our marker is never ours."""
-    import base64
-
-    out = []
-    for f, res in zip(files, slurped):
-        content = res.get("content") if isinstance(res, Mapping) else None
-        if not content:
-            continue
-        try:
-            text = base64.b64decode(content).decode("utf-8", "replace")
-        except ValueError:
-            continue
-        if f["marker"] in text.splitlines():
-            out.append(dict(f))
-    return out

@@ -72,12 +72,6 @@ def pd_systemd_files(specs: dict[str, Any], units: list[str], directory: str
         raise AnsibleFilterError(f"pd-deploy: systemd unit: {exc}") from None
 
 
-def pd_systemd_owned(files: list[dict[str, Any]], slurped: list[dict[str, Any]]
-                     ) -> list[dict[str, str]]:
-    """The FILES whose file exists and carries our marker line (slurp results)."""
-    return systemd.owned(_plain(files), _plain(slurped))
-
-
 class FilterModule:
     def filters(self) -> dict[str, Any]:
         return {
@@ -85,5 +79,4 @@ class FilterModule:
             "pd_systemd_wanted": pd_systemd_wanted,
             "pd_systemd_mode": pd_systemd_mode,
             "pd_systemd_files": pd_systemd_files,
-            "pd_systemd_owned": pd_systemd_owned,
         }

@@ -38,6 +38,22 @@ options:
     description: Also remove the unit's logs.
     type: bool
     default: false
+  systemd_unit:
+    description:
+      - The unit's boot-time systemd service file (node_unit's systemd.yml), removed
+        after the unit when it carries the marker line; a file without it is not ours and
+        stays. Where systemd runs and O(systemd_enable), it is disabled first and systemd
+        reloaded after.
+    type: dict
+    suboptions:
+      name: {description: The service's name, type: str, required: true}
+      path: {description: Its unit file, type: path, required: true}
+      marker: {description: The marker line a file of ours carries, type: str, required: true}
+      unit: {description: "The unit it belongs to (from C(pd_systemd_files); unused)", type: str}
+  systemd_enable:
+    description: Disable the service with systemctl (where systemd runs).
+    type: bool
+    default: true
 """
 
 EXAMPLES = r"""
@@ -54,6 +70,10 @@ EXAMPLES = r"""
 """
 
 RETURN = r"""
+systemd_removed:
+  description: The unit's systemd service file was ours and is removed (or would be).
+  type: bool
+  returned: always
 stopped:
   description: The unit was stopped first (O(stop_python)).
   type: bool
@@ -106,6 +126,13 @@ def main() -> None:
             "unit": {"type": "str", "required": True, "aliases": ["role"]},
             "remove_logs": {"type": "bool", "default": False},
             "stop_python": {"type": "str"},
+            "systemd_unit": {"type": "dict", "options": {
+                "name": {"type": "str", "required": True},
+                "path": {"type": "path", "required": True},
+                "marker": {"type": "str", "required": True},
+                "unit": {"type": "str"},  # as pd_systemd_files gives it; not used
+            }},
+            "systemd_enable": {"type": "bool", "default": True},
         },
         supports_check_mode=True,
     )
@@ -140,8 +167,37 @@ def main() -> None:
                 shutil.rmtree(path)
             elif os.path.lexists(path):
                 os.unlink(path)
-    module.exit_json(changed=bool(removed) or stopped, removed=removed, stopped=stopped,
-                     damage=damage)
+    systemd_removed = _remove_systemd_unit(module)
+    module.exit_json(changed=bool(removed) or stopped or systemd_removed, removed=removed,
+                     stopped=stopped, damage=damage, systemd_removed=systemd_removed)
+
+
+def _remove_systemd_unit(module: AnsibleModule) -> bool:
+    """The unit's boot-time systemd service (node_unit's systemd.yml), only when its
+    file carries our marker line: disabled (where systemd runs and systemd_enable),
+    removed, daemon-reloaded. In the same run as the stop, so a cleanup costs no task
+    more per host for it."""
+    unit = module.params["systemd_unit"]
+    if not unit:
+        return False
+    try:
+        with open(unit["path"], encoding="utf-8", errors="replace") as f:
+            ours = unit["marker"] in f.read().splitlines()
+    except OSError:
+        return False
+    if not ours or module.check_mode:
+        return ours
+    live = module.params["systemd_enable"] and os.path.isdir("/run/systemd/system")
+    if live:
+        res = subprocess.run(["systemctl", "disable", unit["name"]], capture_output=True,
+                             text=True, check=False)
+        if res.returncode != 0:
+            module.fail_json(msg=f"systemctl disable {unit['name']} failed: "
+                                 f"{(res.stderr or res.stdout).strip()}")
+    os.unlink(unit["path"])
+    if live:
+        subprocess.run(["systemctl", "daemon-reload"], capture_output=True, check=False)
+    return True
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """The systemd services of process-runtime units (roles/node_unit/tasks/systemd.yml,
-roles/cleanup/tasks/systemd.yml, docs/systemd.md), for real on a small emulated cluster
-(1 P, 1 D, C on 127.0.79.x).
+pd_unit_remove's systemd_unit in the cleanup role, docs/systemd.md), for real on a small
+emulated cluster (1 P, 1 D, C on 127.0.79.x).
 
 systemd is not PID 1 here, so the role runs with pd_systemd: true, pd_systemd_enable:
 false and a temporary pd_systemd_dir per node: the files land with the content

@@ -189,3 +189,15 @@ def test_appending_an_instance_changes_only_the_front_doors_pools():
     assert big["specs"]["c1"]["C"] != small["specs"]["c1"]["C"]
     assert reload_differences(parse_spec(small["specs"]["c1"]["C"]),
                               parse_spec(big["specs"]["c1"]["C"])) == []
+
+
+def test_pending_instances_are_the_ones_preflight_saw_running_another_spec():
+    plan = plan_of(*four_instances())
+    fresh = {"item": "D", "converged": True, "running": True}
+    changed = {"item": "D", "converged": False, "running": True}
+    stopped = {"item": "P", "converged": False, "running": False}
+    hv = {"d1": {"pd_preflight_report": {"results": [fresh]}},
+          "d4": {"pd_preflight_report": {"results": [changed]}},
+          "p1": {"pd_preflight_report": {"results": [stopped]}}}
+    assert roll.pending_instances(plan, hv) == ["D2"]
+    assert roll.pending_instances(plan, {}) == []

@@ -4,7 +4,6 @@ pd_systemd_unit filter): names, content, escaping, errors naming host and field,
 local inventories (offline: systemd need not run; a broken unit must be rejected)."""
 from __future__ import annotations
 
-import base64
 import importlib.util
 import os
 import shlex
@@ -217,19 +216,37 @@ def test_pd_systemd_modes():
         "/run/systemd/system")
 
 
-def test_cleanup_removes_only_files_with_our_marker():
+def test_cleanup_removes_only_files_with_our_marker(tmp_path):
+    # pd_unit_remove (cleanup's one module run per unit) removes the unit file only when
+    # it carries this unit's marker line; systemd does not run here, so nothing is
+    # disabled or reloaded
+    from .modharness import load, ok
+
+    mod = load("pd_unit_remove")
     specs = {"P": _spec(), "etcd": _spec(role="C", unit="etcd")}
-    files = systemd.unit_files(specs, ["etcd", "P"], "/etc/systemd/system/")
-    assert [f["path"] for f in files] == ["/etc/systemd/system/pd-deploy-demo-etcd.service",
-                                          "/etc/systemd/system/pd-deploy-demo-P.service"]
-    ours = base64.b64encode(_render(specs["P"])["content"].encode()).decode()
-    foreign = base64.b64encode(b"[Unit]\nDescription=not ours\n# pd-deploy: cluster=demo\n"
-                               ).decode()
-    other = base64.b64encode(_render(_spec(cluster="other"))["content"].encode()).decode()
-    assert systemd.owned(files, [{"failed": True, "msg": "file not found"},
-                                 {"content": ours}]) == [files[1]]
-    assert systemd.owned(files, [{"content": foreign}, {"content": other}]) == []
-    assert systemd.owned(files, [{"skipped": True}, {"content": "!!not base64"}]) == []
+    files = systemd.unit_files(specs, ["etcd", "P"], str(tmp_path / "units"))
+    assert [f["name"] for f in files] == ["pd-deploy-demo-etcd.service",
+                                          "pd-deploy-demo-P.service"]
+    (tmp_path / "units").mkdir()
+    ours, etcd = files[1], files[0]
+    (tmp_path / "units" / ours["name"]).write_text(_render(specs["P"])["content"])
+    (tmp_path / "units" / etcd["name"]).write_text(
+        "[Unit]\nDescription=not ours\n# pd-deploy: cluster=demo\n")
+    base = tmp_path / "pd"
+    for unit in ("P", "etcd"):
+        (base / "run" / unit).mkdir(parents=True)
+    r = ok(mod, {"base_dir": str(base), "unit": "etcd", "systemd_unit": etcd})
+    assert r["systemd_removed"] is False and (tmp_path / "units" / etcd["name"]).exists()
+    # another cluster's file of the same name is not ours either
+    other = dict(ours, marker=systemd.marker(_spec(cluster="other")))
+    r = ok(mod, {"base_dir": str(base), "unit": "P", "systemd_unit": other})
+    assert r["systemd_removed"] is False and (tmp_path / "units" / ours["name"]).exists()
+    (base / "run" / "P").mkdir(parents=True)
+    r = ok(mod, {"base_dir": str(base), "unit": "P", "systemd_unit": ours})
+    assert r["systemd_removed"] is True and r["changed"]
+    assert not (tmp_path / "units" / ours["name"]).exists()
+    r = ok(mod, {"base_dir": str(base), "unit": "P", "systemd_unit": ours})  # gone: nothing
+    assert r["systemd_removed"] is False
 
 
 def test_filters_are_thin_and_fail_as_ansible_errors():
