@@ -238,6 +238,34 @@ def test_rolling_upgrade_restarts_only_the_changed_instance(cluster: Cluster):
     assert rows["d2/D"][4] == "running"
 
 
+def test_an_instance_that_does_not_come_back_stops_the_roll(cluster: Cluster):
+    # D1 never gets ready again after its restart: the roll stops there, names it, D2
+    # is never touched and keeps serving; a plain site.yml afterwards clears the drain
+    d2 = pids(cluster, "d2", "D")
+    inv = inventory(cluster)
+    inv["all"]["children"]["D"]["hosts"]["d1"].update(
+        pd_env=dict(SLOW, PD_EMU_SLOW_START_S="900"), pd_ready_timeout=5)
+    write(cluster, inv)
+    try:
+        res = cluster.playbook("restart.yml", "-e", "pd_restart_scope=D", check=False)
+        assert res.returncode != 0
+        assert "instance D1 did not come back on d1" in res.stdout, res.stdout[-3000:]
+        assert "D1 stays drained at the front door" in res.stdout
+        assert pids(cluster, "d2", "D") == d2  # the roll never reached D2
+        drain = json.loads((cluster.root / "nodes/c1/run/C/drain.json").read_text())
+        assert drain["peers"] == [f"{SUBNET}.4:7100"], drain
+        with Load(f"http://{cluster.proxy}", concurrency=2, max_tokens=8) as load:
+            time.sleep(3)
+        assert load.failed() == {} and load.summary()["start"]["ok"] > 0
+    finally:
+        del inv["all"]["children"]["D"]["hosts"]["d1"]["pd_env"]
+        del inv["all"]["children"]["D"]["hosts"]["d1"]["pd_ready_timeout"]
+        write(cluster, inv)
+    cluster.playbook("site.yml")
+    drain = json.loads((cluster.root / "nodes/c1/run/C/drain.json").read_text())
+    assert drain["peers"] == []
+
+
 def test_cleanup_removes_orphans_too_and_records_it(cluster: Cluster):
     add_host(cluster, "D", "d5", 8)
     cluster.playbook("site.yml")
