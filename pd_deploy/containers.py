@@ -218,12 +218,12 @@ def spec_sha256(spec: Mapping[str, Any]) -> str:
     (canonical JSON), or for a reloadable unit of the spec without what its launcher
     reloads in place (RELOADABLE_KEYS: files, proxy), so that a change of the front
     door's pools reloads the running container instead of recreating it."""
+    from pd_deploy.record import spec_sha256 as canonical_sha256
     from pd_launcher.launcher.spec import RELOADABLE_KEYS
 
     if reloadable(spec):
         spec = {k: v for k, v in spec.items() if k not in RELOADABLE_KEYS}
-    return hashlib.sha256((json.dumps(spec, indent=2, sort_keys=True) + "\n").encode()
-                          ).hexdigest()
+    return canonical_sha256(spec)
 
 
 def stop_timeout(spec: Mapping[str, Any]) -> int:

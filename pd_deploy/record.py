@@ -111,13 +111,19 @@ def spec_sha256(spec: Mapping[str, Any]) -> str:
                           ).hexdigest()
 
 
+def with_log_knobs(spec: Mapping[str, Any], log_max_mb: Any, log_backups: Any
+                   ) -> dict[str, Any]:
+    """A plan spec plus the log rotation knobs (spec `logs`), as node_unit writes it."""
+    out = dict(spec)
+    out["logs"] = dict(out.get("logs") or {}, max_bytes=int(log_max_mb) * 1048576,
+                       backups=int(log_backups))
+    return out
+
+
 def unit_spec(plan: Mapping[str, Any], host: str, unit: str, hv: Any) -> dict[str, Any]:
     """The unit's spec as node_unit writes it (plan spec + the host's log knobs)."""
-    spec = dict(plan["specs"][host][unit])
-    spec["logs"] = dict(spec.get("logs") or {},
-                        max_bytes=int(_get(hv, "pd_log_max_mb")) * 1048576,
-                        backups=int(_get(hv, "pd_log_backups")))
-    return spec
+    return with_log_knobs(plan["specs"][host][unit], _get(hv, "pd_log_max_mb"),
+                          _get(hv, "pd_log_backups"))
 
 
 def update(record: Mapping[str, Any], plan: Mapping[str, Any], hostvars: Mapping[str, Any],

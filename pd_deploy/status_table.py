@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from pd_deploy.containers import LABEL_ROLE, LABEL_UNIT, UNIT_ROLES, image_id, parse_ps
+from pd_deploy.record import spec_sha256, unit_spec
 
 COLUMNS = ("node", "role", "instance", "dp ranks", "state", "health", "restarts", "ports",
            "uptime", "image")
@@ -179,8 +180,6 @@ def orphan_rows(removals: list[Mapping[str, Any]], hostvars: Mapping[str, Any]
 
 def pd_status_table(plan: Mapping[str, Any], hostvars: Mapping[str, Any],
                     removals: list[Mapping[str, Any]] | None = None) -> list[str]:
-    from pd_deploy.record import spec_sha256, unit_spec
-
     rows, stale = [], []
     for host, by_role in plan["specs"].items():  # per host: P/D, services, C
         hv = hostvars[host]

@@ -9,8 +9,6 @@ On invalid input the filter fails with every error, each naming host and field.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import re
 import sys
@@ -22,6 +20,7 @@ _REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__
 if _REPO not in sys.path:
     sys.path.insert(0, _REPO)
 
+from pd_deploy import record  # noqa: E402
 from pd_deploy.cli import plan_document, public_document, render_text  # noqa: E402
 from pd_deploy.inventory import _plain  # noqa: E402
 from pd_deploy.settings import PlanInvalid  # noqa: E402
@@ -96,10 +95,7 @@ def pd_unit_spec(plan: dict[str, Any], host: str, unit: str, log_max_mb: Any,
         bad.append(f"pd_log_backups must be an integer in 0..100, got {log_backups!r}")
     if bad:
         raise AnsibleFilterError(f"{host}: " + "; ".join(bad))
-    spec = dict(plan["specs"][host][unit])
-    spec["logs"] = dict(spec.get("logs") or {}, max_bytes=int(log_max_mb) * 1048576,
-                        backups=int(log_backups))
-    return spec
+    return record.with_log_knobs(plan["specs"][host][unit], log_max_mb, log_backups)
 
 
 def pd_unit_locations(specs: dict[str, Any]) -> list[dict[str, str]]:
@@ -120,8 +116,7 @@ def pd_spec_sha256(spec: dict[str, Any]) -> str:
     """sha256 of the bytes pd_unit_install / pd_unit_converge write as the unit's
     spec.json (plugins/module_utils/pd_unit.py canonical_spec; a unit test keeps the
     two equal)."""
-    return hashlib.sha256((json.dumps(spec, indent=2, sort_keys=True) + "\n").encode()
-                          ).hexdigest()
+    return record.spec_sha256(spec)
 
 
 class FilterModule:
